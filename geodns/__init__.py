@@ -1,0 +1,3 @@
+"""geodns: a GeoDNS authoritative nameserver."""
+
+__version__ = "0.1.0"
