@@ -1,0 +1,114 @@
+"""The `geodns` command: serve, check, explain, and the ops subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import ConfigError, ZoneError
+
+log = logging.getLogger("geodns")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import App, install_loop_policy
+
+    config = _load(args)
+    _setup_logging(args.log_level or config.server.log_level)
+    if args.zones:
+        from dataclasses import replace
+
+        zones_dir = str(Path(args.zones).resolve())
+        config = replace(config, zones=replace(config.zones, directory=zones_dir))
+    loop_name = install_loop_policy()
+    log.info("geodns starting (event loop: %s)", loop_name)
+    app = App(config, listen=args.listen or None)
+    try:
+        asyncio.run(app.run_forever())
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and zone files exactly as the server loads them."""
+    from .zones import ZONE_SUFFIX, parse_zone, zone_files
+
+    problems: list[str] = []
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        config = None
+    paths: list[Path] = []
+    if args.paths:
+        for p in args.paths:
+            pp = Path(p)
+            paths.extend(zone_files(pp) if pp.is_dir() else [pp])
+    elif config is not None:
+        paths = zone_files(config.resolve(config.zones.directory))
+    pools = config.pools if config is not None else {}
+    for path in paths:
+        if not path.name.endswith(ZONE_SUFFIX):
+            continue
+        try:
+            parse_zone(path, pools)
+        except ZoneError as exc:
+            problems.extend(exc.problems)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"ok: config and {len(paths)} zone file(s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geodns", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $GEODNS_CONFIG or ./geodns.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve DNS (and the ops API)")
+    serve.add_argument(
+        "--listen", action="append", help="ADDR:PORT or [V6]:PORT; repeat for several"
+    )
+    serve.add_argument("--zones", help="zone directory (overrides [zones] directory)")
+    serve.add_argument("--log-level", help="debug | info | warning | error")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate config and zone files")
+    check.add_argument("paths", nargs="*", help="zone files or directories")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

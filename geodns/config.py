@@ -1,0 +1,517 @@
+"""Server settings from one TOML file, `geodns.toml` (--config PATH or $GEODNS_CONFIG).
+
+Every key is declared below, with its default and meaning, in one dataclass per section.
+Unknown keys, wrong types and out-of-range values are collected and reported together as
+`FILE: key.path: what is wrong (allowed: ...)`. Relative paths are relative to the
+directory of the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .model import CheckSpec, Pool, Rule, Site
+
+DEFAULT_CONFIG = "geodns.toml"
+
+
+def _doc(text: str, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+def _unknown(where: str, key: str, allowed: Iterable[str]) -> str:
+    return f"{where}.{key}: unknown key (allowed: {', '.join(allowed)})"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = _doc(
+        "addresses to serve DNS on, UDP and TCP: 'ADDR:PORT' or '[V6ADDR]:PORT'",
+        ("127.0.0.1:1053",),
+    )
+    nsid: str = _doc("NSID (RFC 5001) returned to clients that ask; empty = off", "")
+    max_udp_payload: int = _doc(
+        "largest UDP reply we send to EDNS clients (DNS flag day 2020 value)", 1232
+    )
+    tcp_idle_timeout_s: float = _doc("close a TCP connection idle this long (RFC 7766)", 10.0)
+    tcp_query_timeout_s: float = _doc(
+        "close a TCP connection whose message takes longer than this to arrive", 30.0
+    )
+    tcp_max_connections: int = _doc("concurrent TCP connections, all clients", 1000)
+    tcp_max_connections_per_client: int = _doc(
+        "concurrent TCP connections from one client address", 100
+    )
+    tcp_max_queries_per_connection: int = _doc(
+        "queries on one TCP connection before it is closed; 0 = unlimited", 0
+    )
+    max_cname_chain: int = _doc("in-zone CNAME links followed for one query", 8)
+    user: str = _doc("when started as root: bind, then run as this user; empty = stay", "")
+    log_level: str = _doc("debug | info | warning | error", "info")
+    query_log: bool = _doc("log every query (costly; off in production)", False)
+    node_id: str = _doc("this node's name in the store and votes; default: the hostname", "")
+
+
+@dataclass(frozen=True)
+class ZonesConfig:
+    directory: str = _doc("directory holding <origin>.zone and <origin>.geo.toml files", "zones")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = _doc("ops HTTP API address 'ADDR:PORT'; empty = no API", "127.0.0.1:8053")
+    tokens: dict[str, str] = field(
+        default_factory=dict, metadata={"doc": "named bearer tokens for writes: name = secret"}
+    )
+    token_file: str = _doc("generated token (0600) when [api.tokens] is empty", "state/api-token")
+    tls_cert: str = _doc("PEM certificate for HTTPS", "")
+    tls_key: str = _doc("PEM private key for HTTPS", "")
+    allow_plaintext: bool = _doc("serve plain HTTP on a non-loopback address", False)
+    max_body_bytes: int = _doc("largest request body accepted", 65536)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    database_url: str = _doc(
+        "SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+        "sqlite:///data/geodns.sqlite3",
+    )
+    journal_dir: str = _doc("local journal for writes made while the DB is down", "state/journal")
+
+
+@dataclass(frozen=True)
+class GeoipConfig:
+    database: str = _doc("MaxMind-format database (City or flat country schema)", "")
+    countries: str = _doc("country table: iso,continent,lat,lon,name", "")
+    cities: str = _doc("city table for placing sites by city + country", "")
+    cache_size: int = _doc("cached lookups (per network)", 65536)
+    state_dir: str = _doc("where `geodns geoip update` puts downloaded databases", "state/geoip")
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    interval_s: float = _doc("seconds between probes of one target", 10.0)
+    timeout_s: float | None = _doc("probe timeout; default interval_s / 2", None)
+    down_thresh: int = _doc("consecutive failures before a target is DOWN", 3)
+    up_thresh: int = _doc("consecutive successes before a DOWN target is UP again", 5)
+    max_concurrency: int = _doc("probes in flight at once", 256)
+    partition_min_sites: int = _doc("partition guard applies from this many sites", 4)
+    partition_share: float = _doc("share of sites flipping DOWN at once that is suspect", 0.5)
+    stale_intervals: int = _doc("no verdict for this many intervals = stale", 3)
+
+
+@dataclass(frozen=True)
+class CookiesConfig:
+    secret: str = _doc(
+        "hex secret (16 bytes) for server cookies, shared by all nodes; empty = random",
+        "",
+    )
+    previous_secret: str = _doc("previous secret, still accepted during rotation", "")
+    require: bool = _doc("answer BADCOOKIE to UDP queries without a valid server cookie", False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    zones: ZonesConfig
+    api: ApiConfig
+    store: StoreConfig
+    geoip: GeoipConfig
+    checks: ChecksConfig
+    cookies: CookiesConfig
+    sites: dict[str, Site]
+    pools: dict[str, Pool]
+    site_checks: dict[str, CheckSpec]
+
+    def resolve(self, p: str) -> Path:
+        """A path from the config, made absolute relative to the config file's directory."""
+        path = Path(p)
+        return path if path.is_absolute() else (self.path.parent / path)
+
+    @property
+    def node_id(self) -> str:
+        return self.server.node_id or socket.gethostname()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "zones": ZonesConfig,
+    "api": ApiConfig,
+    "store": StoreConfig,
+    "geoip": GeoipConfig,
+    "checks": ChecksConfig,
+    "cookies": CookiesConfig,
+}
+_REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return the converted value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, where, problems)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: must be a list of {_type_name(inner)}")
+            return ()
+        return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: must be a table")
+            return {}
+        return {k: _coerce(v, inner, f"{where}.{k}", problems) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{where}: must be a number, not {value!r}")
+            return 0.0
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: must be an integer, not {value!r}")
+            return 0
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: must be true or false, not {value!r}")
+            return False
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: must be a string, not {value!r}")
+            return ""
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module
+
+
+def _build(cls: Any, table: Any, where: str, problems: list[str]) -> Any:
+    """Make dataclass `cls` from a TOML table, rejecting unknown keys."""
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table")
+        table = {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name in hints}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            problems.append(f"{where}.{key}: unknown key (allowed: {allowed})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}", problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        problems.append(f"{where}: {exc}")
+        return None
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    """'127.0.0.1:53' or '[::1]:53' -> (host, port); raises ValueError."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError("expected [ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("expected ADDR:PORT (IPv6 as [ADDR]:PORT)")
+    ipaddress.ip_address(host)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("port out of range")
+    return host, port
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse one listen address, raising ValueError with a readable message."""
+    try:
+        return _split_hostport(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
+_SITE_KEYS = {"ipv4", "ipv6", "lat", "lon", "city", "country", "weight", "capacity", "check"}
+_POOL_KEYS = {"members", "rules", "fallback", "default"}
+_RULE_KINDS = ("cidr", "country", "continent")
+_RULE_KEYS = "cidr, country, continent, sites"
+_CONTINENTS = {"AF", "AN", "AS", "EU", "NA", "OC", "SA"}
+
+
+def _city_coordinates(city: str, country: str, cities_path: Path) -> tuple[float, float] | None:
+    from .geo import CityTable  # geo owns the city table; imported lazily (optional data)
+
+    return CityTable.load(cities_path).find(city, country)
+
+
+def _parse_site(
+    name: str, table: Any, where: str, cities: Path, checks: ChecksConfig, problems: list[str]
+) -> tuple[Site | None, CheckSpec | None]:
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table")
+        return None, None
+    for key in table:
+        if key not in _SITE_KEYS:
+            problems.append(_unknown(where, key, _SITE_KEYS))
+    v4 = _coerce(table.get("ipv4", []), tuple[str, ...], f"{where}.ipv4", problems)
+    v6 = _coerce(table.get("ipv6", []), tuple[str, ...], f"{where}.ipv6", problems)
+    for i, a in enumerate(v4):
+        try:
+            ipaddress.IPv4Address(a)
+        except ValueError:
+            problems.append(f"{where}.ipv4[{i}]: {a!r} is not an IPv4 address")
+    for i, a in enumerate(v6):
+        try:
+            ipaddress.IPv6Address(a)
+        except ValueError:
+            problems.append(f"{where}.ipv6[{i}]: {a!r} is not an IPv6 address")
+    if not v4 and not v6:
+        problems.append(f"{where}: needs at least one address in ipv4 or ipv6")
+    lat = lon = 0.0
+    if "lat" in table or "lon" in table:
+        lat = _coerce(table.get("lat"), float, f"{where}.lat", problems)
+        lon = _coerce(table.get("lon"), float, f"{where}.lon", problems)
+        if not -90 <= lat <= 90:
+            problems.append(f"{where}.lat: must be within -90..90, not {lat}")
+        if not -180 <= lon <= 180:
+            problems.append(f"{where}.lon: must be within -180..180, not {lon}")
+        if "city" in table:
+            problems.append(f"{where}: give lat/lon or city + country, not both")
+    elif "city" in table:
+        city = _coerce(table.get("city"), str, f"{where}.city", problems)
+        country = _coerce(table.get("country", ""), str, f"{where}.country", problems)
+        if not country:
+            problems.append(f"{where}.country: required with city (ISO code, e.g. 'GB')")
+        else:
+            found = _city_coordinates(city, country, cities)
+            if found is None:
+                problems.append(
+                    f"{where}.city: {city!r}, {country!r} is not in the city table {cities}"
+                )
+            else:
+                lat, lon = found
+    else:
+        problems.append(f"{where}: needs a location: lat + lon, or city + country")
+    weight = _coerce(table.get("weight", 1), int, f"{where}.weight", problems)
+    if weight < 0:
+        problems.append(f"{where}.weight: must be >= 0")
+    capacity = _coerce(table.get("capacity", 1.0), float, f"{where}.capacity", problems)
+    if not 0 < capacity <= 1:
+        problems.append(f"{where}.capacity: must be within (0, 1], a share of the pool")
+    spec = None
+    if "check" in table:
+        defaults = {
+            "interval_s": checks.interval_s,
+            "timeout_s": checks.timeout_s,
+            "down_thresh": checks.down_thresh,
+            "up_thresh": checks.up_thresh,
+        }
+        raw = table["check"]
+        merged = {**defaults, **raw} if isinstance(raw, dict) else raw
+        spec = _build(CheckSpec, merged, f"{where}.check", problems)
+        if spec is not None:
+            if spec.kind not in ("tcp", "http", "https", "dns", "none"):
+                problems.append(
+                    f"{where}.check.kind: {spec.kind!r} (allowed: tcp, http, https, dns, none)"
+                )
+            if spec.kind == "tcp" and spec.port is None:
+                problems.append(f"{where}.check.port: required for a tcp check")
+            if spec.kind == "dns" and not spec.qname:
+                problems.append(f"{where}.check.qname: required for a dns check")
+            if spec.interval_s <= 0:
+                problems.append(f"{where}.check.interval_s: must be > 0")
+            if spec.down_thresh < 1 or spec.up_thresh < 1:
+                problems.append(f"{where}.check: down_thresh and up_thresh must be >= 1")
+    site = Site(name, v4, v6, lat, lon, weight, capacity)
+    return site, spec
+
+
+def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: list[str]) -> Pool:
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table")
+        return Pool(name, ())
+    for key in table:
+        if key not in _POOL_KEYS:
+            problems.append(_unknown(where, key, _POOL_KEYS))
+    members = _coerce(table.get("members", []), tuple[str, ...], f"{where}.members", problems)
+    if not members:
+        problems.append(f"{where}.members: a pool needs at least one site")
+    for m in members:
+        if m not in sites:
+            problems.append(f"{where}.members: unknown site {m!r} (defined: {sorted(sites)})")
+    fallback = _coerce(table.get("fallback", "nearest"), str, f"{where}.fallback", problems)
+    if fallback not in ("nearest", "default"):
+        problems.append(f"{where}.fallback: {fallback!r} (allowed: nearest, default)")
+    default = _coerce(table.get("default", []), tuple[str, ...], f"{where}.default", problems)
+    if fallback == "default" and not default:
+        problems.append(f"{where}.default: required when fallback = 'default'")
+    for s in default:
+        if s not in members:
+            problems.append(f"{where}.default: {s!r} is not a member of the pool")
+    rules: list[Rule] = []
+    raw_rules = table.get("rules", [])
+    if not isinstance(raw_rules, list):
+        problems.append(f"{where}.rules: must be a list of tables")
+        raw_rules = []
+    for i, r in enumerate(raw_rules):
+        rw = f"{where}.rules[{i}]"
+        if not isinstance(r, dict):
+            problems.append(f"{rw}: must be a table like {{country = 'GB', sites = ['uk']}}")
+            continue
+        kinds = [k for k in _RULE_KINDS if k in r]
+        for key in r:
+            if key not in (*_RULE_KINDS, "sites"):
+                problems.append(f"{rw}.{key}: unknown key (allowed: {_RULE_KEYS})")
+        if len(kinds) != 1:
+            problems.append(f"{rw}: needs exactly one of cidr, country, continent")
+            continue
+        kind = kinds[0]
+        match = _coerce(r[kind], str, f"{rw}.{kind}", problems)
+        if kind == "cidr":
+            try:
+                match = str(ipaddress.ip_network(match, strict=True))
+            except ValueError as exc:
+                problems.append(f"{rw}.cidr: {exc}")
+        elif kind == "country":
+            match = match.upper()
+            if len(match) != 2 or not match.isalpha():
+                problems.append(f"{rw}.country: {match!r} is not an ISO 3166 alpha-2 code")
+        else:
+            match = match.upper()
+            if match not in _CONTINENTS:
+                problems.append(f"{rw}.continent: {match!r} (allowed: {sorted(_CONTINENTS)})")
+        rule_sites = _coerce(r.get("sites", []), tuple[str, ...], f"{rw}.sites", problems)
+        if not rule_sites:
+            problems.append(f"{rw}.sites: a rule needs at least one site")
+        for s in rule_sites:
+            if s not in members:
+                problems.append(f"{rw}.sites: {s!r} is not a member of the pool")
+        rules.append(Rule(kind, match, rule_sites))
+    return Pool(name, members, tuple(rules), fallback, default)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate the config file; raise ConfigError listing every problem.
+
+    With no path: $GEODNS_CONFIG, else ./geodns.toml; a missing default file means all
+    defaults (a missing explicit file is an error).
+    """
+    explicit = path is not None or "GEODNS_CONFIG" in os.environ
+    cfg_path = Path(path or os.environ.get("GEODNS_CONFIG") or DEFAULT_CONFIG).resolve()
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    try:
+        with open(cfg_path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError([f"{cfg_path}: no such file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{cfg_path}: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{cfg_path}: {exc.strerror}"]) from None
+
+    where = str(cfg_path)
+    allowed = [*_SECTIONS, "sites", "pools"]
+    for key in raw:
+        if key not in allowed:
+            problems.append(f"{where}: {key}: unknown section (allowed: {', '.join(allowed)})")
+    sections = {
+        name: _build(cls, raw.get(name, {}), f"{where}: {name}", problems)
+        for name, cls in _SECTIONS.items()
+    }
+    server: ServerConfig = sections["server"] or ServerConfig()
+    for i, addr in enumerate(server.listen):
+        try:
+            parse_listen(addr)
+        except ValueError as exc:
+            problems.append(f"{where}: server.listen[{i}]: {exc}")
+    if server.max_udp_payload < 512 or server.max_udp_payload > 65535:
+        problems.append(f"{where}: server.max_udp_payload: must be within 512..65535")
+    if server.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"{where}: server.log_level: {server.log_level!r}")
+    if len(server.nsid.encode()) > 255:
+        problems.append(f"{where}: server.nsid: at most 255 bytes")
+    cookies: CookiesConfig = sections["cookies"] or CookiesConfig()
+    for key in ("secret", "previous_secret"):
+        value = getattr(cookies, key)
+        if value:
+            try:
+                if len(bytes.fromhex(value)) != 16:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: cookies.{key}: must be 32 hex digits (16 bytes)")
+
+    geoip: GeoipConfig = sections["geoip"] or GeoipConfig()
+    checks: ChecksConfig = sections["checks"] or ChecksConfig()
+    base = cfg_path.parent
+
+    def rel(p: str, default: Path) -> str:
+        if not p:
+            return str(default)
+        return str(Path(p) if Path(p).is_absolute() else base / p)
+
+    geoip = GeoipConfig(
+        database=rel(geoip.database, _REPO_DATA / "dbip-country.mmdb"),
+        countries=rel(geoip.countries, _REPO_DATA / "countries.csv"),
+        cities=rel(geoip.cities, _REPO_DATA / "cities.csv"),
+        cache_size=geoip.cache_size,
+        state_dir=rel(geoip.state_dir, base / "state/geoip"),
+    )
+
+    sites: dict[str, Site] = {}
+    site_checks: dict[str, CheckSpec] = {}
+    raw_sites = raw.get("sites", {})
+    if not isinstance(raw_sites, dict):
+        problems.append(f"{where}: sites: must be tables [sites.NAME]")
+        raw_sites = {}
+    for name, table in raw_sites.items():
+        site, spec = _parse_site(
+            name, table, f"{where}: sites.{name}", Path(geoip.cities), checks, problems
+        )
+        if site is not None:
+            sites[name] = site
+        if spec is not None:
+            site_checks[name] = spec
+    pools: dict[str, Pool] = {}
+    raw_pools = raw.get("pools", {})
+    if not isinstance(raw_pools, dict):
+        problems.append(f"{where}: pools: must be tables [pools.NAME]")
+        raw_pools = {}
+    for name, table in raw_pools.items():
+        pools[name] = _parse_pool(name, table, f"{where}: pools.{name}", set(sites), problems)
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=cfg_path,
+        server=server,
+        zones=sections["zones"],
+        api=sections["api"],
+        store=sections["store"],
+        geoip=geoip,
+        checks=checks,
+        cookies=cookies,
+        sites=sites,
+        pools=pools,
+        site_checks=site_checks,
+    )

@@ -1,0 +1,350 @@
+"""handle(): request bytes (+ client address, transport) -> reply bytes, or None.
+
+The whole query path in one place: decode -> checks (opcode, class, EDNS, cookies) ->
+locate the client lazily -> resolve() -> encode with truncation. It is a plain function
+of its inputs and the current View, so transports, worker processes and a packet cache
+can wrap it without changing it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .cookies import CookieJar
+from .model import Decision, IPAddress, Location, SiteState, Transport
+from .resolver import Answer, resolve
+from .view import ViewHolder
+from .wire import (
+    AA,
+    BADCOOKIE,
+    BADVERS,
+    CD,
+    CLASS_IN,
+    FORMERR,
+    NOERROR,
+    NOTIMP,
+    OP_NOTIFY,
+    OP_QUERY,
+    OPT_COOKIE,
+    OPT_ECS,
+    OPT_NSID,
+    QR,
+    RD,
+    REFUSED,
+    TC,
+    BadQuery,
+    Edns,
+    Query,
+    Writer,
+    decode_query,
+    encode_ecs,
+    encode_opt,
+    error_reply,
+)
+from .zones import AAAA, AXFR, IXFR, OPT, A, GeoName, RRset
+
+log = logging.getLogger(__name__)
+
+QTYPE_NAMES = {
+    1: "A",
+    2: "NS",
+    5: "CNAME",
+    6: "SOA",
+    12: "PTR",
+    15: "MX",
+    16: "TXT",
+    28: "AAAA",
+    33: "SRV",
+    43: "DS",
+    255: "ANY",
+    65: "HTTPS",
+    257: "CAA",
+}
+
+
+@dataclass
+class Stats:
+    """Plain counters bumped on the query path; /metrics reads them at scrape time."""
+
+    queries: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    answers_by_site: dict[str, int] = field(default_factory=dict)
+    ecs_queries: int = 0
+    truncated: int = 0
+    formerr: int = 0
+    dropped: int = 0
+
+    def count(self, qtype: int, rcode: int, transport: Transport) -> None:
+        key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
+        self.queries[key] = self.queries.get(key, 0) + 1
+
+
+# Locate the client: (address, family width) -> Location (geo.Locator.locate)
+Locate = Callable[[IPAddress], Location]
+# The geo decision function (pick.decide)
+Decide = Callable[..., Decision]
+
+
+@dataclass
+class Settings:
+    """The handler's knobs, taken from [server] and [cookies]."""
+
+    max_udp_payload: int = 1232
+    nsid: bytes = b""
+    max_cname_chain: int = 8
+    cookies_require: bool = False
+    all_down: str = "open"
+
+
+class Handler:
+    """The query path. Thread-compatible: reads the holder's current View per query."""
+
+    def __init__(
+        self,
+        holder: ViewHolder,
+        settings: Settings | None = None,
+        locate: Locate | None = None,
+        decide: Decide | None = None,
+        cookies: CookieJar | None = None,
+        is_special: Callable[[IPAddress], bool] | None = None,
+        special_block: Callable[[IPAddress], ipaddress.IPv4Network | ipaddress.IPv6Network]
+        | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.holder = holder
+        self.settings = settings or Settings()
+        self.locate = locate
+        self.decide = decide
+        self.cookies = cookies or CookieJar()
+        self.is_special = is_special
+        self.special_block = special_block
+        self.stats = stats or Stats()
+
+    # -- the entry point -------------------------------------------------------------
+    def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        """Answer one DNS message, or None to stay silent (unparseable, or a response)."""
+        try:
+            q = decode_query(data)
+        except BadQuery as bad:
+            self.stats.formerr += bad.rcode == FORMERR
+            self.stats.count(0, bad.rcode, transport)
+            opt = encode_opt(self.settings.max_udp_payload, 0, False, []) if bad.edns else None
+            return error_reply(bad, opt)
+        if q is None:
+            self.stats.dropped += 1
+            return None
+        reply = self._answer(q, addr, transport)
+        return reply
+
+    # -- steps ----------------------------------------------------------------------
+    def _answer(self, q: Query, addr: tuple[str, int], transport: Transport) -> bytes:
+        edns = q.edns
+        udp = transport is Transport.UDP
+        limit = (
+            65535
+            if not udp
+            else (min(edns.payload, self.settings.max_udp_payload) if edns else 512)
+        )
+        options: list[tuple[int, bytes]] = []
+        cookie_ok = False
+        if edns is not None:
+            if edns.version > 0:
+                # RFC 6891 §6.1.3: BADVERS, with an OPT of the highest version we do (0)
+                return self._simple(q, BADVERS, edns, [], transport)
+            if edns.ecs is not None:
+                self.stats.ecs_queries += 1
+            if edns.cookie is not None:
+                cookie_ok, cookie_opt = self._cookie(edns.cookie, addr)
+                options.append((OPT_COOKIE, cookie_opt))
+                if not cookie_ok and self.settings.cookies_require and udp:
+                    # RFC 7873 §5.2.3: only an opt-in policy answers BADCOOKIE
+                    return self._simple(q, BADCOOKIE, edns, options, transport)
+            if edns.nsid and self.settings.nsid:
+                options.append((OPT_NSID, self.settings.nsid))  # RFC 5001 §2.3
+        if q.qdcount == 0:
+            # RFC 7873 §5.4: a query with only a COOKIE gets the cookie back, NOERROR.
+            return self._simple(q, NOERROR, edns, options, transport)
+        if q.opcode != OP_QUERY:
+            # We are not a secondary and take no dynamic updates: NOTIFY from anyone is
+            # REFUSED, UPDATE and unknown opcodes NOTIMP (RFC 1035 §4.1.1, RFC 2136 §3).
+            rcode = REFUSED if q.opcode == OP_NOTIFY else NOTIMP
+            return self._simple(q, rcode, edns, options, transport)
+        if q.qtype == OPT:
+            return self._simple(q, FORMERR, edns, options, transport)
+        if q.qclass != CLASS_IN:
+            return self._simple(q, REFUSED, edns, options, transport)
+        if q.qtype in (AXFR, IXFR):
+            # Zone transfer is not offered: geo answers cannot be transferred.
+            return self._simple(q, REFUSED, edns, options, transport)
+
+        steer = _Steer(self, q, addr) if self.decide is not None else None
+        view = self.holder.view
+        ans = resolve(
+            view,
+            q.qname,
+            q.qname.lower(),
+            q.label_offsets,
+            q.qtype,
+            udp,
+            steer,
+            self.settings.max_cname_chain,
+        )
+        if ans.decision is not None:
+            for site in ans.decision.sites:
+                self.stats.answers_by_site[site] = self.stats.answers_by_site.get(site, 0) + 1
+        if edns is not None and edns.ecs is not None:
+            # RFC 7871 §7.2.1: echo FAMILY, SOURCE and ADDRESS; SCOPE is ours.
+            scope = ans.scope if steer is not None and ans.decision is not None else 0
+            if steer is not None and steer.scope_override is not None and ans.decision:
+                scope = steer.scope_override
+            if edns.ecs.source == 0:
+                scope = 0  # RFC 7871 §7.1.2: the resolver opted out; scope stays 0
+            options.append((OPT_ECS, encode_ecs(edns.ecs, scope)))
+        reply = self._encode(q, ans, edns, options, limit)
+        self.stats.count(q.qtype, ans.rcode, transport)
+        return reply
+
+    def _cookie(self, opt: bytes, addr: tuple[str, int]) -> tuple[bool, bytes]:
+        client = opt[:8]
+        ip = ipaddress.ip_address(addr[0].split("%")[0]).packed
+        if len(opt) > 8:
+            valid, refresh = self.cookies.check(client, opt[8:], ip)
+            if valid and not refresh:
+                return True, opt
+            if valid:
+                return True, client + self.cookies.mint(client, ip)
+        # RFC 7873 §5.2.3: a missing or bad server cookie gets a fresh one, normally.
+        return False, client + self.cookies.mint(client, ip)
+
+    def _simple(
+        self,
+        q: Query,
+        rcode: int,
+        edns: Edns | None,
+        options: list[tuple[int, bytes]],
+        transport: Transport,
+    ) -> bytes:
+        """A reply without records: header, question echoed, OPT for EDNS queries."""
+        self.stats.count(q.qtype, rcode, transport)
+        flags = QR | (q.flags & (0x7800 | RD | CD)) | (rcode & 0xF)
+        w = Writer(65535)
+        w.question(q.question, len(q.qname))
+        if edns is not None:
+            w.buf += encode_opt(self.settings.max_udp_payload, rcode >> 4, edns.do, options)
+            w.counts[3] = 1
+        return w.finish(q.id, flags)
+
+    def _encode(
+        self,
+        q: Query,
+        ans: Answer,
+        edns: Edns | None,
+        options: list[tuple[int, bytes]],
+        limit: int,
+    ) -> bytes:
+        """Sections -> bytes within `limit`, truncating as RFC 2181 §9 says."""
+        opt = (
+            encode_opt(self.settings.max_udp_payload, ans.rcode >> 4, edns.do, options)
+            if edns is not None
+            else b""
+        )
+        flags = QR | (q.flags & (0x7800 | RD | CD)) | (ans.rcode & 0xF)
+        if ans.aa:
+            flags |= AA
+        # RFC 6891 §7: the OPT RR is always kept, so its room is reserved up front.
+        w = Writer(limit - len(opt))
+        w.question(q.question, len(q.qname))
+        truncated = ans.tc
+        if not truncated:
+            for section, entries in ((1, ans.answer), (2, ans.authority), (3, ans.glue)):
+                for owner, rr, ttl in entries:
+                    w.counts[section] += w.rrset(owner, rr, ttl)
+                if len(w.buf) > w.limit:
+                    # RFC 2181 §9: TC only when required data (answer, authority, glue
+                    # RFC 9471 §3) does not fit.
+                    truncated = True
+                    break
+        if not truncated:
+            for owner, rr, ttl in ans.additional:
+                mark = w.mark()
+                n = w.rrset(owner, rr, ttl)
+                if len(w.buf) > w.limit:
+                    w.rollback(mark)  # optional data: drop the RRset, no TC
+                else:
+                    w.counts[3] += n
+        if truncated:
+            self.stats.truncated += 1
+            flags |= TC
+            w = Writer(limit)
+            w.question(q.question, len(q.qname))
+        if opt:
+            w.buf += opt
+            w.counts[3] += 1
+        return w.finish(q.id, flags)
+
+
+class _Steer:
+    """Per-query geo steering: locates the client once, then asks pick.decide."""
+
+    __slots__ = ("client", "handler", "located", "location", "scope_override")
+
+    def __init__(self, handler: Handler, q: Query, addr: tuple[str, int]) -> None:
+        self.handler = handler
+        self.location: Location | None = None
+        self.located = False
+        self.scope_override: int | None = None
+        source = ipaddress.ip_address(addr[0].split("%")[0])
+        if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped:
+            source = source.ipv4_mapped
+        client: IPAddress = source
+        ecs = q.edns.ecs if q.edns is not None else None
+        if ecs is not None and ecs.ip is not None and ecs.source > 0:
+            special = handler.is_special
+            if special is not None and special(ecs.ip):
+                # RFC 7871 §11.3: ECS carrying a private or special-purpose address says
+                # nothing about where the client is; use the packet source instead and
+                # scope the answer to the whole special block.
+                block = handler.special_block(ecs.ip) if handler.special_block else None
+                self.scope_override = min(block.prefixlen, ecs.source) if block else ecs.source
+            else:
+                client = ecs.ip
+        self.client = client
+
+    def __call__(self, geo: GeoName, qtype: int) -> tuple[Decision, RRset | None] | None:
+        h = self.handler
+        view = h.holder.view.geo
+        pool = view.pools.get(geo.pool)
+        if pool is None or h.decide is None:
+            return None
+        if not self.located:
+            self.located = True
+            self.location = h.locate(self.client) if h.locate is not None else None
+        family = 4 if qtype == A else 6
+        decision = h.decide(
+            pool,
+            view.sites,
+            view.states,
+            self.client,
+            self.location,
+            family,
+            geo.count,
+            h.settings.all_down,
+        )
+        if not decision.sites:
+            return decision, None
+        addrs: list[bytes] = []
+        for name in decision.sites:
+            site = view.sites[name]
+            state = view.states.get(name, _UP)
+            for a in site.addresses(family):
+                if a not in state.address_down:
+                    addrs.append(ipaddress.ip_address(a).packed)
+        if not addrs:
+            return decision, None
+        rtype = A if family == 4 else AAAA
+        return decision, RRset(geo.owner, rtype, geo.ttl_s, tuple(addrs))
+
+
+_UP = SiteState()

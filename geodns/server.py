@@ -1,0 +1,266 @@
+"""asyncio transports: UDP and TCP (RFC 7766) around the query handler.
+
+No thread per packet and no per-query logging: a datagram is answered inside
+`datagram_received`; TCP connections are protocol objects with timers, bounded in
+number overall and per client, so idle or stalled clients never block UDP or new TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .model import Transport
+
+log = logging.getLogger(__name__)
+
+HandleFn = Callable[[bytes, tuple[str, int], Transport], "bytes | None"]
+
+
+@dataclass
+class TcpLimits:
+    """RFC 7766 §6.2.3 timeouts and connection bounds (see [server] in config.py)."""
+
+    idle_timeout_s: float = 10.0
+    query_timeout_s: float = 30.0
+    max_connections: int = 1000
+    max_per_client: int = 100
+    max_queries: int = 0  # per connection; 0 = unlimited
+
+
+class _ErrorLog:
+    """Logs handler crashes at most once per 10 s, so a crafted packet cannot flood logs."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.suppressed = 0
+
+    def report(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self.last >= 10:
+            log.error("query handler failed (%d similar suppressed)", self.suppressed, exc_info=exc)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+_errors = _ErrorLog()
+
+
+def _safe(handle: HandleFn, data: bytes, addr: tuple[str, int], tr: Transport) -> bytes | None:
+    try:
+        return handle(data, addr, tr)
+    except Exception as exc:  # a bug must cost one answer, never the server
+        _errors.report(exc)
+        if len(data) >= 12 and not data[2] & 0x80:
+            # SERVFAIL with the header copied; no question (it may be what broke us)
+            return data[:2] + bytes([0x80 | (data[2] & 0x79), 0x02]) + bytes(8)
+        return None
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, handle: HandleFn) -> None:
+        self.handle = handle
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = _safe(self.handle, data, addr, Transport.UDP)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: nothing to do
+        log.debug("udp error: %s", exc)
+
+
+class TcpServerState:
+    """Connection accounting shared by all TCP listeners."""
+
+    def __init__(self, limits: TcpLimits) -> None:
+        self.limits = limits
+        self.connections: set[TcpProtocol] = set()
+        self.per_client: dict[str, int] = {}
+        self.rejected = 0
+
+    def admit(self, conn: TcpProtocol, host: str) -> bool:
+        lim = self.limits
+        if len(self.connections) >= lim.max_connections:
+            return False
+        if lim.max_per_client and self.per_client.get(host, 0) >= lim.max_per_client:
+            return False
+        self.connections.add(conn)
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        return True
+
+    def release(self, conn: TcpProtocol, host: str) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            n = self.per_client.get(host, 1) - 1
+            if n:
+                self.per_client[host] = n
+            else:
+                self.per_client.pop(host, None)
+
+
+class TcpProtocol(asyncio.Protocol):
+    """One TCP client: 2-byte length framing across any segmentation (RFC 1035 §4.2.2)."""
+
+    def __init__(self, handle: HandleFn, state: TcpServerState) -> None:
+        self.handle = handle
+        self.state = state
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.addr: tuple[str, int] = ("", 0)
+        self.timer: asyncio.TimerHandle | None = None
+        self.queries = 0
+        self.admitted = False
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.addr = (peer[0], peer[1]) if peer else ("", 0)
+        if not self.state.admit(self, self.addr[0]):
+            self.state.rejected += 1
+            transport.abort()
+            return
+        self.admitted = True
+        self._arm(self.state.limits.idle_timeout_s)
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(seconds, self._timeout)
+
+    def _timeout(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted or self.transport is None:
+            return
+        self.buf += data
+        lim = self.state.limits
+        while len(self.buf) >= 2:
+            (size,) = struct.unpack_from("!H", self.buf)
+            if size < 12:
+                # Not a DNS message: close rather than guess where the next one starts.
+                self.transport.abort()
+                return
+            if len(self.buf) < 2 + size:
+                break
+            msg = bytes(self.buf[2 : 2 + size])
+            del self.buf[: 2 + size]
+            reply = _safe(self.handle, msg, self.addr, Transport.TCP)
+            if reply is None:
+                self.transport.abort()  # junk or a response on a query stream
+                return
+            self.transport.write(struct.pack("!H", len(reply)) + reply)
+            self.queries += 1
+            if lim.max_queries and self.queries >= lim.max_queries:
+                self.transport.close()
+                return
+        # RFC 7766 §6.2.3: a partial message gets the (longer) per-message deadline;
+        # an idle connection the idle timeout.
+        self._arm(lim.query_timeout_s if self.buf else lim.idle_timeout_s)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its questions.
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.admitted:
+            self.state.release(self, self.addr[0])
+        self.transport = None
+
+
+def bind_sockets(
+    host: str, port: int, reuse_port: bool = False
+) -> tuple[socket.socket, socket.socket]:
+    """Bind the UDP and TCP sockets of one listen address (same port for both).
+
+    With port 0 the OS picks a UDP port and TCP binds the same number.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for s in (udp, tcp):
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind((host, port))
+        tcp.bind((host, udp.getsockname()[1]))
+        tcp.listen(1024)
+        udp.setblocking(False)
+        tcp.setblocking(False)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
+
+class DnsServer:
+    """All listeners of one process."""
+
+    def __init__(self, handle: HandleFn, limits: TcpLimits | None = None) -> None:
+        self.handle = handle
+        self.tcp_state = TcpServerState(limits or TcpLimits())
+        self.udp_transports: list[asyncio.DatagramTransport] = []
+        self.tcp_servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []
+
+    async def start(self, sockets: list[tuple[socket.socket, socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        for udp, tcp in sockets:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpProtocol(self.handle), sock=udp
+            )
+            self.udp_transports.append(transport)
+            server = await loop.create_server(
+                lambda: TcpProtocol(self.handle, self.tcp_state), sock=tcp
+            )
+            self.tcp_servers.append(server)
+            name = udp.getsockname()
+            self.addresses.append((name[0], name[1]))
+            log.info("serving DNS on %s port %d (udp+tcp)", name[0], name[1])
+
+    async def stop(self, grace_s: float = 3.0) -> None:
+        """Stop accepting, let in-flight TCP answers drain, then close everything."""
+        for server in self.tcp_servers:
+            server.close()
+        for t in self.udp_transports:
+            t.close()
+        deadline = time.monotonic() + grace_s
+        for conn in list(self.tcp_state.connections):
+            tr = conn.transport
+            if tr is None:
+                continue
+            while tr.get_write_buffer_size() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            tr.close()
+        for server in self.tcp_servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), max(0.1, deadline - time.monotonic()))

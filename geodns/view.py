@@ -1,0 +1,91 @@
+"""The View: everything the DNS path reads, published by writers with one assignment.
+
+Zones live in one dict shared by every View, keyed by origin (lower-case wire): a zone
+edit replaces one entry (a single, atomic dict assignment), so one zone's reload never
+copies or invalidates the other 100,000. Everything geo (sites, pools, health) is an
+immutable `GeoState`; a health change publishes a new one with a higher version.
+The DNS path never reads a clock, the DB or a file: it reads `holder.view`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from .model import Pool, Site, SiteState
+from .zones import Zone
+
+_versions = itertools.count(1)
+
+
+def next_version() -> int:
+    """A process-wide increasing number for zone and health versions."""
+    return next(_versions)
+
+
+@dataclass(frozen=True)
+class GeoState:
+    """Sites, pools and their effective health at one moment."""
+
+    sites: Mapping[str, Site] = field(default_factory=dict)
+    pools: Mapping[str, Pool] = field(default_factory=dict)
+    states: Mapping[str, SiteState] = field(default_factory=dict)
+    version: int = 0
+    # pool name -> version of the last change that affects it (for cache keys)
+    pool_versions: Mapping[str, int] = field(default_factory=dict)
+
+
+class Catalog:
+    """origin -> Zone (loaded) or None (configured but not loaded: SERVFAIL)."""
+
+    def __init__(self) -> None:
+        self.zones: dict[bytes, Zone | None] = {}
+
+    def set(self, origin: bytes, zone: Zone | None) -> None:
+        """Publish one zone snapshot (or mark it unloaded); other zones are untouched."""
+        if zone is not None and zone.version == 0:
+            zone = replace(zone, version=next_version())
+        self.zones[origin] = zone
+
+    def remove(self, origin: bytes) -> None:
+        """Forget a zone: its names are REFUSED afterwards."""
+        self.zones.pop(origin, None)
+
+    def find(self, qname: bytes, offsets: tuple[int, ...], qtype: int) -> tuple[bool, Zone | None]:
+        """Longest-suffix match in O(labels): (found, zone-or-None-if-unloaded).
+
+        RFC 4035 §3.1.4.1: a DS query for the apex of a child zone we also serve is
+        answered from the parent side, so it skips the child.
+        """
+        zones = self.zones
+        found: tuple[bool, Zone | None] = (False, None)
+        for i in (*offsets, len(qname) - 1):
+            suffix = qname[i:]
+            if suffix in zones:
+                if qtype == 43 and i == 0 and not found[0]:
+                    found = (True, zones[suffix])
+                    continue
+                return True, zones[suffix]
+        return found
+
+
+@dataclass(frozen=True)
+class View:
+    """One consistent snapshot for answering."""
+
+    catalog: Catalog
+    geo: GeoState
+
+
+class ViewHolder:
+    """Holds the current View; writers publish, readers read `holder.view`."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.generation = 0
+
+    def publish_geo(self, geo: GeoState) -> None:
+        """Replace the geo state (sites, pools, health) in one assignment."""
+        self.generation += 1
+        self.view = View(self.view.catalog, geo)
