@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from .model import Transport
 
@@ -126,12 +127,12 @@ class TcpProtocol(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.addr = (peer[0], peer[1]) if peer else ("", 0)
         if not self.state.admit(self, self.addr[0]):
             self.state.rejected += 1
-            transport.abort()
+            self.transport.abort()
             return
         self.admitted = True
         self._arm(self.state.limits.idle_timeout_s)
@@ -198,28 +199,32 @@ def bind_sockets(
 ) -> tuple[socket.socket, socket.socket]:
     """Bind the UDP and TCP sockets of one listen address (same port for both).
 
-    With port 0 the OS picks a UDP port and TCP binds the same number.
+    With port 0 the OS picks a UDP port and TCP binds the same number (retried if that
+    number happens to be taken for TCP).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    tcp = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        for s in (udp, tcp):
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if reuse_port:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        udp.bind((host, port))
-        tcp.bind((host, udp.getsockname()[1]))
-        tcp.listen(1024)
-        udp.setblocking(False)
-        tcp.setblocking(False)
-    except OSError:
-        udp.close()
-        tcp.close()
-        raise
-    return udp, tcp
+    for attempt in range(20):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for s in (udp, tcp):
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.bind((host, port))
+            tcp.bind((host, udp.getsockname()[1]))
+            tcp.listen(1024)
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            return udp, tcp
+        except OSError:
+            udp.close()
+            tcp.close()
+            if port != 0 or attempt == 19:
+                raise
+    raise AssertionError("unreachable")
 
 
 class DnsServer:

@@ -148,13 +148,21 @@ class _Record:
     where: str
 
 
+class _RecordError(Exception):
+    """A syntax error inside one record, with the file:line the record started on."""
+
+
 class _LineReader(dns.zonefile.Reader):
     """dnspython's reader, remembering the file:line each record started on."""
 
     def _rr_line(self) -> None:
         filename, line = self.tok.where()
-        self.txn.where = f"{filename}:{line}"  # type: ignore[attr-defined]
-        super()._rr_line()
+        where = f"{filename}:{line}"
+        self.txn.where = where  # type: ignore[attr-defined]
+        try:
+            super()._rr_line()
+        except dns.exception.SyntaxError as exc:
+            raise _RecordError(f"{where}: {exc or 'syntax error'}") from None
 
 
 class _Collector:
@@ -259,8 +267,13 @@ def read_records(path: Path, origin: str) -> list[_Record]:
         collector,  # type: ignore[arg-type]
         allow_include=True,
     )
+    # dnspython silently skips names outside the zone; we want to report them, so the
+    # reader is told everything is in zone and build_zone() checks.
+    reader.zone_origin = dns.name.root
     try:
         reader.read()
+    except _RecordError as exc:
+        raise ZoneError(str(path), [str(exc)]) from None
     except dns.exception.SyntaxError as exc:
         msg = str(exc)
         if not msg.startswith(str(path)) and not re.match(r"^\S+:\d+: ", msg):
