@@ -55,7 +55,8 @@ BAD = [
     (
         "rule-two-kinds",
         "[sites.uk]\nipv4 = ['192.0.2.1']\nlat = 1.0\nlon = 1.0\n"
-        "[pools.web]\nmembers = ['uk']\nrules = [{country = 'GB', continent = 'EU', sites = ['uk']}]\n",
+        "[pools.web]\nmembers = ['uk']\n"
+        "rules = [{country = 'GB', continent = 'EU', sites = ['uk']}]\n",
         "pools.web.rules[0]: needs exactly one of cidr, country, continent",
     ),
     (
