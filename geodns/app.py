@@ -11,14 +11,15 @@ import pwd
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
+from . import geo, pick
 from .config import Config, parse_listen
 from .cookies import CookieJar
-from .errors import ZoneError
+from .errors import StoreError, ZoneError
 from .handler import Handler, Settings, Stats
+from .health import HealthManager, HealthPolicy
 from .server import DnsServer, TcpLimits, bind_sockets
+from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
 from .zones import Zone, name_to_wire, origin_from_path, parse_zone, zone_files
 
@@ -76,19 +77,26 @@ def load_zone_dir(config: Config, catalog: Catalog, status: dict[str, ZoneStatus
 class App:
     """One `geodns serve` process."""
 
-    def __init__(self, config: Config, listen: list[str] | None = None) -> None:
+    def __init__(
+        self, config: Config, listen: list[str] | None = None, run_checker: bool = True
+    ) -> None:
         self.config = config
         self.listen = listen or list(config.server.listen)
         self.catalog = Catalog()
         self.zone_status: dict[str, ZoneStatus] = {}
         self.stats = Stats()
-        geo = GeoState(config.sites, config.pools, {}, next_version())
-        self.holder = ViewHolder(View(self.catalog, geo))
-        self.locator: Any = None  # geo.Locator when a database is configured
+        geo_state = GeoState(config.sites, config.pools, {}, next_version())
+        self.holder = ViewHolder(View(self.catalog, geo_state))
+        self.locator: geo.Locator | None = None
+        self.geoip_error: str | None = None
         self.handler = self._make_handler()
         self.dns: DnsServer | None = None
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        self.ready = False
+        self.store: Store | None = None
+        self.health: HealthManager | None = None
+        self.run_checker = run_checker
 
     def _make_handler(self) -> Handler:
         cfg = self.config
@@ -101,32 +109,24 @@ class App:
             max_cname_chain=cfg.server.max_cname_chain,
             cookies_require=cfg.cookies.require,
         )
-        kwargs: dict[str, object] = {}
+        locate = None
         try:
-            from . import geo, pick
-
-            if Path(cfg.geoip.database).exists():
-                countries = geo.CountryTable.load(cfg.geoip.countries)
-                self.locator = geo.Locator(cfg.geoip.database, countries, cfg.geoip.cache_size)
-                kwargs = {
-                    "locate": self.locator.locate,
-                    "decide": pick.decide,
-                    "is_special": geo.is_special,
-                    "special_block": geo.special_block,
-                }
-            else:
-                log.warning(
-                    "GeoIP database %s missing: geo names answer from zone files",
-                    cfg.geoip.database,
-                )
-        except ImportError as exc:  # pragma: no cover - during development only
-            log.warning("geo unavailable: %s", exc)
+            countries = geo.CountryTable.load(cfg.geoip.countries)
+            self.locator = geo.Locator(cfg.geoip.database, countries, cfg.geoip.cache_size)
+            locate = self.locator.locate
+        except geo.GeoIPError as exc:
+            # Serve anyway: geo names answer with their zone-file records; /readyz says so.
+            self.geoip_error = str(exc)
+            log.error("GeoIP unavailable, geo names answer from zone files: %s", exc)
         return Handler(
             self.holder,
             settings,
+            locate=locate,
+            decide=pick.decide,
             cookies=CookieJar(secret, previous),
+            is_special=geo.is_special,
+            special_block=geo.special_block,
             stats=self.stats,
-            **kwargs,  # type: ignore[arg-type]
         )
 
     async def start(self) -> None:
@@ -149,10 +149,42 @@ class App:
         directory = self.config.resolve(self.config.zones.directory)
         for path in zone_files(directory):
             self.catalog.set(name_to_wire(origin_from_path(path)).lower(), None)
+        self.store = self._open_store()
+        self.health = HealthManager(
+            self.holder,
+            self.config.sites,
+            self.config.site_checks,
+            self.store,
+            HealthPolicy(
+                partition_min_sites=self.config.checks.partition_min_sites,
+                partition_share=self.config.checks.partition_share,
+                stale_intervals=self.config.checks.stale_intervals,
+            ),
+            run_checker=self.run_checker,
+            max_concurrency=self.config.checks.max_concurrency,
+        )
+        # persisted health and overrides are in the view before the first answer
+        await self.health.start()
         self.dns = DnsServer(self.handler.handle, limits)
         await self.dns.start(sockets)
         report = await asyncio.to_thread(load_zone_dir, self.config, self.catalog, self.zone_status)
+        self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
+
+    def _open_store(self) -> Store | None:
+        cfg = self.config
+        url = cfg.store.database_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            # a relative SQLite path is relative to the config file, like every path
+            url = "sqlite:///" + str(cfg.resolve(url[len("sqlite:///") :]))
+        try:
+            store = Store(url, cfg.node_id, journal_dir=cfg.resolve(cfg.store.journal_dir))
+            store.open()
+        except StoreError as exc:
+            # Keep serving from memory; writes are journaled once the store exists.
+            log.error("state store unavailable: %s", exc)
+            return None
+        return store
 
     @property
     def dns_addresses(self) -> list[tuple[str, int]]:
@@ -161,6 +193,10 @@ class App:
     async def stop(self) -> None:
         if self.dns is not None:
             await self.dns.stop()
+        if self.health is not None:
+            await self.health.stop()
+        if self.store is not None:
+            self.store.close()
         if self.locator is not None:
             self.locator.close()
 

@@ -109,7 +109,7 @@ class Handler:
         decide: Decide | None = None,
         cookies: CookieJar | None = None,
         is_special: Callable[[IPAddress], bool] | None = None,
-        special_block: Callable[[IPAddress], ipaddress.IPv4Network | ipaddress.IPv6Network]
+        special_block: Callable[[IPAddress], ipaddress.IPv4Network | ipaddress.IPv6Network | None]
         | None = None,
         stats: Stats | None = None,
     ) -> None:
