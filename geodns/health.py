@@ -120,6 +120,7 @@ class HealthManager:
         self.frozen = False  # partition guard tripped: observed DOWN flips are ignored
         self.frozen_reason = ""
         self._recent_down: dict[str, float] = {}  # site -> when it flipped DOWN
+        self._before_down: dict[str, SiteState] = {}  # site -> state before that flip
         self._checker: Checker | None = None
         self._writes: asyncio.Queue[Callable[[], Any]] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -220,6 +221,8 @@ class HealthManager:
                 )
             )
             if new is Health.DOWN:
+                # what answers used before this flip, in case the guard trips
+                self._before_down[ev.site] = self.holder.view.geo.states.get(ev.site, SiteState())
                 self._partition_guard(ev.site, now)
             elif self.frozen:
                 self._maybe_unfreeze(now)
@@ -238,7 +241,12 @@ class HealthManager:
         if len(checked) < self.policy.partition_min_sites:
             return
         window = max(self._interval(s) for s in checked)
-        recent = [s for s, t in self._recent_down.items() if now - t <= window]
+        for s, t in list(self._recent_down.items()):
+            if now - t > window:  # keep only the current window: bounded memory
+                del self._recent_down[s]
+                if not self.frozen:
+                    self._before_down.pop(s, None)
+        recent = list(self._recent_down)
         if not self.frozen and len(recent) > self.policy.partition_share * len(checked):
             self.frozen = True
             self.frozen_reason = (
@@ -256,6 +264,7 @@ class HealthManager:
         if len(down) <= self.policy.partition_share * len(checked):
             self.frozen = False
             self._recent_down.clear()
+            self._before_down.clear()
             log.warning("health: partition guard released: %d of %d DOWN", len(down), len(checked))
 
     def _verdict(self, site: str) -> SiteVerdict:
@@ -295,13 +304,12 @@ class HealthManager:
     def compute(self, now: float) -> dict[str, SiteState]:
         """Effective SiteStates at `now` (pure over the manager's current data)."""
         verdicts: dict[str, SiteVerdict] = {}
-        current = self.holder.view.geo.states
         stale: dict[str, bool] = {}
         for site in self.sites:
             verdict = self._verdict(site)
-            if self.frozen and verdict.observed is Health.DOWN and site in current:
-                # partition guard: keep the last published observation
-                prev = current[site]
+            prev = self._before_down.get(site)
+            if self.frozen and verdict.observed is Health.DOWN and prev is not None:
+                # partition guard: the observation from before the burst of DOWN flips
                 verdict = SiteVerdict(
                     prev.observed, prev.observed, prev.observed, prev.address_down
                 )
