@@ -162,6 +162,7 @@ class App:
             ),
             run_checker=self.run_checker,
             max_concurrency=self.config.checks.max_concurrency,
+            follow=not self.run_checker,
         )
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
@@ -209,6 +210,38 @@ class App:
         await self.stopping.wait()
         log.info("shutting down")
         await asyncio.wait_for(self.stop(), 5)
+
+
+async def run_checker_forever(config: Config) -> None:
+    """`geodns checker`: probe every site and write verdicts to the shared store.
+
+    `geodns serve --no-checker` instances with the same store follow these verdicts.
+    """
+    app = App(config, listen=[])
+    store = app._open_store()
+    if store is None:
+        raise StoreError("the standalone checker needs a reachable [store] database_url")
+    health = HealthManager(
+        app.holder,
+        config.sites,
+        config.site_checks,
+        store,
+        HealthPolicy(
+            partition_min_sites=config.checks.partition_min_sites,
+            partition_share=config.checks.partition_share,
+            stale_intervals=config.checks.stale_intervals,
+        ),
+        max_concurrency=config.checks.max_concurrency,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await health.start()
+    log.info("checker: probing %d sites, writing to %s", len(config.sites), store.url)
+    await stopping.wait()
+    await health.stop()
+    store.close()
 
 
 def _drop_privileges(user: str) -> None:

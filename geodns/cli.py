@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, load_config
-from .errors import ConfigError, ZoneError
+from .errors import ConfigError, GeoDNSError, ZoneError
 
 log = logging.getLogger("geodns")
 
@@ -39,12 +39,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, zones=replace(config.zones, directory=zones_dir))
     loop_name = install_loop_policy()
     log.info("geodns starting (event loop: %s)", loop_name)
-    app = App(config, listen=args.listen or None)
+    app = App(config, listen=args.listen or None, run_checker=not args.no_checker)
     try:
         asyncio.run(app.run_forever())
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1
+    return 0
+
+
+def cmd_checker(args: argparse.Namespace) -> int:
+    from .app import install_loop_policy, run_checker_forever
+
+    config = _load(args)
+    _setup_logging(args.log_level or config.server.log_level)
+    install_loop_policy()
+    asyncio.run(run_checker_forever(config))
     return 0
 
 
@@ -92,7 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--zones", help="zone directory (overrides [zones] directory)")
     serve.add_argument("--log-level", help="debug | info | warning | error")
+    serve.add_argument(
+        "--no-checker",
+        action="store_true",
+        help="do not probe: follow the verdicts a `geodns checker` writes to the store",
+    )
     serve.set_defaults(func=cmd_serve)
+    checker = sub.add_parser("checker", help="run only the health checker (writes the store)")
+    checker.add_argument("--log-level", help="debug | info | warning | error")
+    checker.set_defaults(func=cmd_checker)
     check = sub.add_parser("check", help="validate config and zone files")
     check.add_argument("paths", nargs="*", help="zone files or directories")
     check.set_defaults(func=cmd_check)
@@ -107,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
+        return 2
+    except GeoDNSError as exc:
+        print(f"geodns: {exc}", file=sys.stderr)
         return 2
 
 

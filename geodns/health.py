@@ -105,6 +105,7 @@ class HealthManager:
         clock: Callable[[], float] = time.time,
         run_checker: bool = True,
         max_concurrency: int = 256,
+        follow: bool = False,
     ) -> None:
         self.holder = holder
         self.sites = dict(sites)
@@ -113,6 +114,9 @@ class HealthManager:
         self.policy = policy or HealthPolicy()
         self.clock = clock
         self.run_checker = run_checker
+        # follow: take verdicts from the store (a standalone `geodns checker` writes them)
+        self.follow = follow and store is not None
+        self._tasks: list[asyncio.Task[None]] = []
         self.max_concurrency = max_concurrency
         self.targets: dict[TargetKey, TargetInfo] = {}
         self.overrides: dict[str, OverrideRow] = {}
@@ -160,8 +164,50 @@ class HealthManager:
                 wall_clock=self.clock,
             )
             await self._checker.start()
+        if self.store is not None and self.run_checker:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        if self.follow:
+            self._tasks.append(asyncio.create_task(self._follow_loop()))
+
+    def _period_s(self) -> float:
+        """How often followers poll and checkers heartbeat: the shortest check interval."""
+        intervals = [sp.interval_s for sp in self.specs.values() if sp.kind != "none"]
+        return min([*intervals, 5.0])
+
+    async def _heartbeat_loop(self) -> None:
+        """A checker says it is alive (its verdicts are fresh) once per interval."""
+        assert self.store is not None
+        while True:
+            info = {"checker": True, "frozen": self.frozen, "checks": self.checks_seen}
+            await asyncio.to_thread(self.store.heartbeat, info)
+            await asyncio.sleep(self._period_s())
+
+    async def _follow_loop(self) -> None:
+        """`serve --no-checker`: poll the store for the checker's verdicts and overrides."""
+        assert self.store is not None
+        node = self.store.node_id
+        while True:
+            try:
+                observed = await asyncio.to_thread(self.store.observed_states, node)
+                overrides = await asyncio.to_thread(self.store.overrides)
+                nodes = await asyncio.to_thread(self.store.nodes)
+            except StoreError as exc:
+                log.warning("health: follower cannot read the store: %s", exc)
+            else:
+                seen = {n.node_id: n.last_seen for n in nodes}
+                self.overrides = dict(overrides)
+                for site, rows in observed.items():
+                    for addr, row in rows.items():
+                        info = self.targets.setdefault((site, addr or None), TargetInfo())
+                        info.health, info.since = row.state, row.since
+                    if node in seen:
+                        self.last_verdict_at[site] = seen[node]
+                self.publish()
+            await asyncio.sleep(self._period_s())
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._checker is not None:
             await self._checker.stop()
         if self._timer is not None:
@@ -315,7 +361,7 @@ class HealthManager:
                 )
             verdicts[site] = verdict
             spec = self.specs.get(site)
-            if spec is not None and spec.kind != "none" and self.run_checker is not None:
+            if spec is not None and spec.kind != "none":
                 seen = self.last_verdict_at.get(site)
                 lease = self.policy.stale_intervals * spec.interval_s
                 stale[site] = seen is not None and now - seen > lease

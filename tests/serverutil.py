@@ -72,7 +72,9 @@ class Running:
 
 
 @contextmanager
-def run_server(config: Config, listen: list[str] | None = None) -> Iterator[Running]:
+def run_server(
+    config: Config, listen: list[str] | None = None, run_checker: bool = True
+) -> Iterator[Running]:
     """Serve `config` on 127.0.0.1 (port 0) in a background thread until the block ends."""
     loop = asyncio.new_event_loop()
     app_box: list[App] = []
@@ -80,7 +82,7 @@ def run_server(config: Config, listen: list[str] | None = None) -> Iterator[Runn
     error: list[BaseException] = []
 
     async def main() -> None:
-        app = App(config, listen=listen or ["127.0.0.1:0"])
+        app = App(config, listen=listen or ["127.0.0.1:0"], run_checker=run_checker)
         app_box.append(app)
         try:
             await app.start()

@@ -290,3 +290,31 @@ def test_drained_site_is_never_answered_even_when_all_down(tmp_path: Path) -> No
         fra.down()
         wait_for(lambda: s.app.health.site_info("fra").state.observed is Health.DOWN)
         assert gb_answer(s.host, s.port) == {"198.51.100.20"}  # fail-open skips drained uk
+
+
+def test_serve_no_checker_follows_a_standalone_checker(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.serverutil import REPO
+
+    uk, fra = Target(), Target()
+    make_zone_dir(tmp_path, {"example.com.zone": ZONE, "example.com.geo.toml": GEO})
+    cfg_path = write_config(tmp_path, config_body(uk, fra))
+    checker = subprocess.Popen(
+        [sys.executable, "-m", "geodns", "--config", str(cfg_path), "checker"],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with run_server(load_config(cfg_path), run_checker=False) as s:
+            assert s.app.health._checker is None  # this process probes nothing
+            wait_for(lambda: s.app.health.site_info("uk").state.observed is Health.UP)
+            assert gb_answer(s.host, s.port) == {"198.51.100.10"}
+            uk.down()
+            wait_for(lambda: gb_answer(s.host, s.port) == {"198.51.100.20"})
+            uk.up()
+            wait_for(lambda: gb_answer(s.host, s.port) == {"198.51.100.10"})
+    finally:
+        checker.terminate()
+        assert checker.wait(10) == 0
