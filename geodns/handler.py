@@ -163,14 +163,16 @@ class Handler:
                     return self._simple(q, BADCOOKIE, edns, options, transport)
             if edns.nsid and self.settings.nsid:
                 options.append((OPT_NSID, self.settings.nsid))  # RFC 5001 §2.3
-        if q.qdcount == 0:
-            # RFC 7873 §5.4: a query with only a COOKIE gets the cookie back, NOERROR.
-            return self._simple(q, NOERROR, edns, options, transport)
         if q.opcode != OP_QUERY:
             # We are not a secondary and take no dynamic updates: NOTIFY from anyone is
             # REFUSED, UPDATE and unknown opcodes NOTIMP (RFC 1035 §4.1.1, RFC 2136 §3).
+            # Checked before QDCOUNT 0: RFC 7873 §5.4 (cookie-only NOERROR) is about
+            # QUERY only, and a NOERROR to an UPDATE would read as "update applied".
             rcode = REFUSED if q.opcode == OP_NOTIFY else NOTIMP
             return self._simple(q, rcode, edns, options, transport)
+        if q.qdcount == 0:
+            # RFC 7873 §5.4: a query with only a COOKIE gets the cookie back, NOERROR.
+            return self._simple(q, NOERROR, edns, options, transport)
         if q.qtype == OPT:
             return self._simple(q, FORMERR, edns, options, transport)
         if q.qclass != CLASS_IN:
