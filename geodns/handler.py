@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cookies import CookieJar
-from .model import Decision, IPAddress, Location, SiteState, Transport
+from .model import Decision, IPAddress, IPNetwork, Location, SiteState, Transport
 from .resolver import Answer, resolve
 from .view import ViewHolder
 from .wire import (
@@ -36,6 +36,7 @@ from .wire import (
     REFUSED,
     TC,
     BadQuery,
+    ClientSubnet,
     Edns,
     Query,
     Writer,
@@ -287,6 +288,31 @@ class Handler:
         return w.finish(q.id, flags)
 
 
+def client_address(
+    source: str,
+    ecs: ClientSubnet | None,
+    is_special: Callable[[IPAddress], bool] | None,
+    special_block: Callable[[IPAddress], IPNetwork | None] | None,
+) -> tuple[IPAddress, int | None]:
+    """Which address locates the client, and the ECS scope a special ECS address forces.
+
+    The ECS address when the query carries a usable one (SOURCE > 0), else the packet
+    `source` (IPv4-mapped IPv6 taken as IPv4). Shared by the query path and `explain`.
+    """
+    addr = ipaddress.ip_address(source.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if ecs is None or ecs.ip is None or ecs.source == 0:
+        return addr, None
+    if is_special is not None and is_special(ecs.ip):
+        # RFC 7871 §11.3: ECS carrying a private or special-purpose address says
+        # nothing about where the client is; use the packet source instead and
+        # scope the answer to the whole special block.
+        block = special_block(ecs.ip) if special_block else None
+        return addr, min(block.prefixlen, ecs.source) if block else ecs.source
+    return ecs.ip, None
+
+
 class _Steer:
     """Per-query geo steering: locates the client once, then asks pick.decide."""
 
@@ -296,23 +322,10 @@ class _Steer:
         self.handler = handler
         self.location: Location | None = None
         self.located = False
-        self.scope_override: int | None = None
-        source = ipaddress.ip_address(addr[0].split("%")[0])
-        if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped:
-            source = source.ipv4_mapped
-        client: IPAddress = source
         ecs = q.edns.ecs if q.edns is not None else None
-        if ecs is not None and ecs.ip is not None and ecs.source > 0:
-            special = handler.is_special
-            if special is not None and special(ecs.ip):
-                # RFC 7871 §11.3: ECS carrying a private or special-purpose address says
-                # nothing about where the client is; use the packet source instead and
-                # scope the answer to the whole special block.
-                block = handler.special_block(ecs.ip) if handler.special_block else None
-                self.scope_override = min(block.prefixlen, ecs.source) if block else ecs.source
-            else:
-                client = ecs.ip
-        self.client = client
+        self.client, self.scope_override = client_address(
+            addr[0], ecs, handler.is_special, handler.special_block
+        )
 
     def __call__(self, geo: GeoName, qtype: int) -> tuple[Decision, RRset | None] | None:
         h = self.handler
