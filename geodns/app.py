@@ -10,68 +10,20 @@ import os
 import pwd
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 from . import geo, pick
-from .config import Config, parse_listen
+from .config import Config, load_config, parse_listen
 from .cookies import CookieJar
-from .errors import StoreError, ZoneError
+from .errors import ConfigError, StoreError
 from .handler import Handler, Settings, Stats
 from .health import HealthManager, HealthPolicy
+from .reload import ZoneReloader, ZoneStatus
 from .server import DnsServer, TcpLimits, bind_sockets
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
-from .zones import Zone, name_to_wire, origin_from_path, parse_zone, zone_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ZoneStatus:
-    """What /v1/zones shows for one zone file."""
-
-    origin: str
-    path: str
-    serial: int | None = None
-    loaded_at: float | None = None
-    error: str | None = None
-    records: int = 0
-
-
-@dataclass
-class LoadReport:
-    loaded: list[str] = field(default_factory=list)
-    failed: dict[str, list[str]] = field(default_factory=dict)
-
-
-def load_zone_dir(config: Config, catalog: Catalog, status: dict[str, ZoneStatus]) -> LoadReport:
-    """Load every zone file; a bad file keeps its last good version (or SERVFAIL)."""
-    report = LoadReport()
-    directory = config.resolve(config.zones.directory)
-    for path in zone_files(directory):
-        origin = origin_from_path(path)
-        key = name_to_wire(origin).lower()
-        st = status.setdefault(origin, ZoneStatus(origin, str(path)))
-        if key not in catalog.zones:
-            catalog.set(key, None)  # configured: SERVFAIL until loaded
-        try:
-            zone: Zone = parse_zone(path, config.pools)
-        except ZoneError as exc:
-            st.error = "\n".join(exc.problems)
-            report.failed[origin] = exc.problems
-            for p in exc.problems:
-                log.error("zone %s rejected: %s", origin, p)
-            continue
-        catalog.set(key, zone)
-        st.serial, st.loaded_at, st.error, st.records = (
-            zone.serial,
-            zone.loaded_at,
-            None,
-            zone.records,
-        )
-        report.loaded.append(origin)
-        log.info("zone %s loaded: serial=%d records=%d", origin, zone.serial, zone.records)
-    return report
 
 
 class App:
@@ -97,6 +49,18 @@ class App:
         self.store: Store | None = None
         self.health: HealthManager | None = None
         self.run_checker = run_checker
+        zc = config.zones
+        self.reloader = ZoneReloader(
+            config.resolve(zc.directory),
+            self.catalog,
+            self.zone_status,
+            lambda: self.config.pools,
+            debounce_s=zc.debounce_s,
+            remove_grace_s=zc.remove_grace_s,
+            poll_interval_s=zc.poll_interval_s,
+            watch=zc.watch,
+        )
+        self.config_error: list[str] | None = None
 
     def _make_handler(self) -> Handler:
         cfg = self.config
@@ -144,11 +108,6 @@ class App:
             host, port = parse_listen(addr)
             sockets.append(bind_sockets(host, port))
         _drop_privileges(srv.user)
-        # Zones are registered before serving so that a zone still loading answers
-        # SERVFAIL, never REFUSED.
-        directory = self.config.resolve(self.config.zones.directory)
-        for path in zone_files(directory):
-            self.catalog.set(name_to_wire(origin_from_path(path)).lower(), None)
         self.store = self._open_store()
         self.health = HealthManager(
             self.holder,
@@ -168,7 +127,8 @@ class App:
         await self.health.start()
         self.dns = DnsServer(self.handler.handle, limits)
         await self.dns.start(sockets)
-        report = await asyncio.to_thread(load_zone_dir, self.config, self.catalog, self.zone_status)
+        report = await asyncio.to_thread(self.reloader.initial_load)
+        await self.reloader.start()
         self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
 
@@ -180,18 +140,59 @@ class App:
             url = "sqlite:///" + str(cfg.resolve(url[len("sqlite:///") :]))
         try:
             store = Store(url, cfg.node_id, journal_dir=cfg.resolve(cfg.store.journal_dir))
+        except StoreError as exc:  # a malformed URL: nothing to retry
+            log.error("state store unusable: %s", exc)
+            return None
+        try:
             store.open()
         except StoreError as exc:
-            # Keep serving from memory; writes are journaled once the store exists.
-            log.error("state store unavailable: %s", exc)
-            return None
+            # Keep serving from memory; writes go to the journal and are replayed when
+            # the database is back (the periodic ping notices).
+            log.error("state store unreachable, journaling writes: %s", exc)
         return store
 
     @property
     def dns_addresses(self) -> list[tuple[str, int]]:
         return self.dns.addresses if self.dns else []
 
+    async def reload(self) -> dict[str, object]:
+        """SIGHUP / POST /v1/reload: re-read geodns.toml, then every zone file.
+
+        A broken config keeps the running one (and says why); settings that cannot
+        change without a restart (listen addresses) are named in the error.
+        """
+        problems: list[str] = []
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            problems = exc.problems
+        else:
+            if new.server.listen != self.config.server.listen:
+                problems.append(
+                    f"{new.path}: server.listen: cannot change while running; "
+                    "the old addresses stay until a restart"
+                )
+                new = replace(new, server=replace(new.server, listen=self.config.server.listen))
+            pools_changed = new.pools != self.config.pools
+            self.config = new
+            if self.health is not None:
+                self.health.update_config(new.sites, new.site_checks, new.pools)
+            if pools_changed:
+                self.reloader.forget_digests(only_geo=True)
+        self.config_error = problems or None
+        for p in problems:
+            log.error("reload: config rejected, the running one stays: %s", p)
+        report = await self.reloader.reload_all()
+        return {
+            "config_errors": problems,
+            "loaded": report.loaded,
+            "unchanged": report.unchanged,
+            "failed": report.failed,
+            "removed": report.removed,
+        }
+
     async def stop(self) -> None:
+        await self.reloader.stop()
         if self.dns is not None:
             await self.dns.stop()
         if self.health is not None:
@@ -206,6 +207,7 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self.start()
         await self.stopping.wait()
         log.info("shutting down")

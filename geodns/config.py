@@ -64,6 +64,10 @@ class ServerConfig:
 @dataclass(frozen=True)
 class ZonesConfig:
     directory: str = _doc("directory holding <origin>.zone and <origin>.geo.toml files", "zones")
+    watch: bool = _doc("reload changed files by themselves (inotify, else polling)", True)
+    debounce_s: float = _doc("a changed file must be still this long before it is read", 0.2)
+    remove_grace_s: float = _doc("a deleted zone file must stay gone this long to unload", 5.0)
+    poll_interval_s: float = _doc("how often to look for changes when inotify is missing", 2.0)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .checker import Checker, CheckEvent, ProbeResult, SiteVerdict, site_health
 from .errors import StoreError
-from .model import CheckSpec, Health, Override, Site, SiteState
+from .model import CheckSpec, Health, Override, Pool, Site, SiteState
 from .store import OverrideRow, Store
 from .view import GeoState, ViewHolder, next_version
 
@@ -130,6 +130,7 @@ class HealthManager:
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.changed = asyncio.Event()  # set on every publish (tests wait on it)
+        self._pools: dict[str, Pool] | None = None  # set by a config reload
         self.checks_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -216,12 +217,19 @@ class HealthManager:
             await self._writes.join()
             self._writer.cancel()
 
-    def update_config(self, sites: Mapping[str, Site], specs: Mapping[str, CheckSpec]) -> None:
-        """Config reload: new target set, keep what is still there."""
+    def update_config(
+        self,
+        sites: Mapping[str, Site],
+        specs: Mapping[str, CheckSpec],
+        pools: Mapping[str, Pool] | None = None,
+    ) -> None:
+        """Config reload: new sites, checks and pools; targets still there keep state."""
         self.sites, self.specs = dict(sites), dict(specs)
+        if pools is not None:
+            self._pools = dict(pools)
         if self._checker is not None:
             self._checker.update(self.sites, self.specs)
-        self.publish()
+        self.publish(force=True)
 
     # -- observations ----------------------------------------------------------------
     async def on_event(self, ev: CheckEvent) -> None:
@@ -367,19 +375,22 @@ class HealthManager:
                 stale[site] = seen is not None and now - seen > lease
         return effective_states(self.sites, verdicts, self.overrides, stale, now)
 
-    def publish(self) -> None:
+    def publish(self, force: bool = False) -> None:
         """Recompute and publish a new GeoState if anything changed; reschedule timers."""
         now = self.clock()
         states = self.compute(now)
         geo = self.holder.view.geo
-        if states != dict(geo.states) or geo.sites != self.sites:
+        pools = self._pools if self._pools is not None else geo.pools
+        if force or states != dict(geo.states) or geo.sites != self.sites:
             changed = {n for n in states if geo.states.get(n) != states[n]}
             version = next_version()
             pool_versions = {
-                name: version if changed & set(pool.members) else geo.pool_versions.get(name, 0)
-                for name, pool in geo.pools.items()
+                name: version
+                if force or changed & set(pool.members)
+                else geo.pool_versions.get(name, 0)
+                for name, pool in pools.items()
             }
-            self.holder.publish_geo(GeoState(self.sites, geo.pools, states, version, pool_versions))
+            self.holder.publish_geo(GeoState(self.sites, pools, states, version, pool_versions))
             self.changed.set()
         self._schedule(now)
 
