@@ -348,6 +348,12 @@ class _Steer:
             h.settings.all_down,
         )
         if not decision.sites:
+            if self.scope_override is not None and not any(
+                view.sites[n].addresses(family) for n in pool.members if n in view.sites
+            ):
+                # RFC 7871 §7.4: no member has an address of this family, so the answer
+                # is NODATA for every client alike: SCOPE 0, not the special block's.
+                self.scope_override = 0
             return decision, None
         addrs: list[bytes] = []
         for name in decision.sites:
