@@ -124,6 +124,7 @@ class TcpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.queries = 0
         self.admitted = False
+        self.partial = False  # a message has begun and its deadline is running
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -162,6 +163,7 @@ class TcpProtocol(asyncio.Protocol):
                 break
             msg = bytes(self.buf[2 : 2 + size])
             del self.buf[: 2 + size]
+            self.partial = False
             reply = _safe(self.handle, msg, self.addr, Transport.TCP)
             if reply is None:
                 self.transport.abort()  # junk or a response on a query stream
@@ -171,9 +173,16 @@ class TcpProtocol(asyncio.Protocol):
             if lim.max_queries and self.queries >= lim.max_queries:
                 self.transport.close()
                 return
-        # RFC 7766 §6.2.3: a partial message gets the (longer) per-message deadline;
-        # an idle connection the idle timeout.
-        self._arm(lim.query_timeout_s if self.buf else lim.idle_timeout_s)
+        # RFC 7766 §6.2.3: an idle connection gets the idle timeout; a partial message
+        # the per-message deadline, counted from its first octet. Re-arming it on every
+        # segment would let a client drip one octet at a time and hold the connection
+        # (and a slot of the connection limit) forever.
+        if not self.buf:
+            self.partial = False
+            self._arm(lim.idle_timeout_s)
+        elif not self.partial:
+            self.partial = True
+            self._arm(lim.query_timeout_s)
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its questions.
