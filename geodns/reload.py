@@ -294,6 +294,17 @@ class ZoneReloader:
         else:
             self.mode = "inotify"
             self._tasks.append(asyncio.create_task(self._watch_loop()))
+            # let the task run up to its first await: the inotify watches exist then
+            for _ in range(3):
+                await asyncio.sleep(0)
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Reload what changed between the initial load and the watcher starting."""
+        paths = set(await asyncio.to_thread(zone_files, self.directory)) | self.known_paths()
+        for p in paths:
+            if _signature(p) != self.signatures.get(p):
+                self._spawn(self.reload_file(p))
 
     async def stop(self) -> None:
         for task in list(self._tasks):

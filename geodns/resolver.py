@@ -169,6 +169,8 @@ def resolve(
                 ans.rcode = YXDOMAIN  # RFC 6672 §2.2: the result would be too long
                 return ans
             ans.answer.append((owner, cname, None))
+            if qtype == CNAME:
+                return ans  # RFC 6672 §3.1: the synthesized CNAME is the answer
             target = cname.rdata[0]
             owner, name = target, target.lower()
             if name in visited or not is_subdomain(name, zone.origin):

@@ -1,0 +1,222 @@
+"""Zone edits under a running server: new data served, broken edits keep the old zone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from geodns.config import load_config
+from tests.serverutil import Running, make_zone_dir, run_process, run_server, write_config
+
+HEAD = """$ORIGIN r.test.
+$TTL 300
+@ IN SOA ns1 host {serial} 7200 3600 1209600 60
+@ IN NS ns1
+ns1 IN A 192.0.2.53
+"""
+
+
+def zone(serial: int, body: str = "") -> str:
+    return HEAD.format(serial=serial) + body
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def addresses(s: Running, name: str) -> set[str]:
+    r = s.query(name, "A")
+    return {rd.address for rr in r.answer for rd in rr}
+
+
+def rcode(s: Running, name: str) -> str:
+    return dns.rcode.to_text(s.query(name, "A").rcode())
+
+
+CONFIG = """
+[api]
+listen = ""
+[zones]
+directory = "zones"
+debounce_s = 0.05
+remove_grace_s = 0.5
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Running]:
+    make_zone_dir(tmp_path, {"r.test.zone": zone(1, "www IN A 192.0.2.1\n")})
+    path = write_config(tmp_path, "")
+    path.write_text(CONFIG.replace('directory = "zones"', f'directory = "{tmp_path}/zones"'))
+    with run_server(load_config(path)) as s:
+        yield s
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_edit_in_place_is_served(server: Running, tmp_path: Path) -> None:
+    assert addresses(server, "www.r.test") == {"192.0.2.1"}
+    (tmp_path / "zones" / "r.test.zone").write_text(zone(2, "www IN A 192.0.2.2\n"))
+    wait_for(lambda: addresses(server, "www.r.test") == {"192.0.2.2"})
+    assert server.app.zone_status["r.test."].serial == 2
+
+
+def test_replace_by_rename_is_served(server: Running, tmp_path: Path) -> None:
+    write_atomic(tmp_path / "zones" / "r.test.zone", zone(2, "new IN A 192.0.2.3\n"))
+    wait_for(lambda: addresses(server, "new.r.test") == {"192.0.2.3"})
+    assert rcode(server, "www.r.test") == "NXDOMAIN"
+
+
+BROKEN = [
+    ("syntax", zone(2, "www IN A 300.0.0.1\n"), "r.test.zone:6"),
+    ("bad-rdata", zone(2, "www IN MX ten mail\n"), "r.test.zone:6"),
+    ("missing-soa", "$ORIGIN r.test.\n@ 300 IN NS ns1\n", "no SOA"),
+    ("empty", "", "empty zone file"),
+    ("truncated", zone(2, "www IN A 192.0.2.9\nmx IN MX 10 (\n"), "r.test.zone"),
+    ("cname-and-other", zone(2, "www IN CNAME ns1\nwww IN A 192.0.2.9\n"), "CNAME at www"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"), [(t, e) for _, t, e in BROKEN], ids=[i for i, _, _ in BROKEN]
+)
+def test_broken_edit_keeps_last_good_zone(
+    server: Running, tmp_path: Path, text: str, expect: str
+) -> None:
+    path = tmp_path / "zones" / "r.test.zone"
+    path.write_text(text)
+    status = server.app.zone_status["r.test."]
+    wait_for(lambda: status.error is not None)
+    assert expect in status.error
+    assert addresses(server, "www.r.test") == {"192.0.2.1"}  # the old version serves
+    # fixing the file loads it again
+    path.write_text(zone(3, "www IN A 192.0.2.4\n"))
+    wait_for(lambda: addresses(server, "www.r.test") == {"192.0.2.4"})
+    assert status.error is None
+
+
+def test_added_zone_is_served_and_removed_zone_refused_after_grace(
+    server: Running, tmp_path: Path
+) -> None:
+    other = tmp_path / "zones" / "o.test.zone"
+    other.write_text(zone(1, "www IN A 192.0.2.7\n").replace("r.test.", "o.test."))
+    wait_for(lambda: addresses(server, "www.o.test") == {"192.0.2.7"})
+    other.unlink()
+    removed_at = time.monotonic()
+    assert rcode(server, "www.o.test") == "NOERROR"  # still served within the grace
+    wait_for(lambda: rcode(server, "www.o.test") == "REFUSED")
+    assert time.monotonic() - removed_at >= 0.45
+
+
+def test_rename_in_place_never_drops_the_zone(server: Running, tmp_path: Path) -> None:
+    path = tmp_path / "zones" / "r.test.zone"
+    aside = tmp_path / "r.test.zone.bak"
+    os.rename(path, aside)
+    time.sleep(0.1)  # the file is briefly absent, as with some editors
+    os.rename(aside, path)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert rcode(server, "www.r.test") == "NOERROR"
+        time.sleep(0.02)
+
+
+def test_reload_api_function_reports_every_error(server: Running, tmp_path: Path) -> None:
+    server.app.reloader.watch = False
+    (tmp_path / "zones" / "bad.test.zone").write_text("$ORIGIN bad.test.\n@ 60 IN NS ns\n")
+    report = server.call(server.app.reload())
+    assert "bad.test." in report["failed"]
+    assert any("no SOA" in p for p in report["failed"]["bad.test."])
+    assert rcode(server, "www.bad.test") == "SERVFAIL"  # configured but not loadable
+
+
+def test_config_reload_adds_a_site_and_rejects_broken_config(
+    server: Running, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "geodns.toml"
+    good = cfg.read_text()
+    cfg.write_text(good + '[sites.new]\nipv4 = ["192.0.2.77"]\nlat = 1.0\nlon = 2.0\n')
+    report = server.call(server.app.reload())
+    assert report["config_errors"] == []
+    assert "new" in server.app.holder.view.geo.sites
+    cfg.write_text(good + "[sites.bad]\nlattitude = 1\n")
+    report = server.call(server.app.reload())
+    assert any("sites.bad.lattitude: unknown key" in p for p in report["config_errors"])
+    assert "new" in server.app.holder.view.geo.sites  # the running config stays
+    cfg.write_text(good.replace("[api]", '[server]\nlisten = ["127.0.0.1:5999"]\n[api]'))
+    report = server.call(server.app.reload())
+    assert any("server.listen: cannot change while running" in p for p in report["config_errors"])
+
+
+def test_sighup_reloads(tmp_path: Path) -> None:
+    make_zone_dir(tmp_path, {"r.test.zone": zone(1, "www IN A 192.0.2.1\n")})
+    path = write_config(tmp_path, '[api]\nlisten = ""\n')
+    text = path.read_text().replace("[zones]", "[zones]\nwatch = false")
+    path.write_text(text)
+    with run_process(path) as p:
+        (tmp_path / "zones" / "r.test.zone").write_text(zone(2, "www IN A 192.0.2.5\n"))
+        p.proc.send_signal(signal.SIGHUP)
+
+        def answer() -> set[str]:
+            q = dns.message.make_query("www.r.test", "A")
+            r = dns.query.udp(q, p.host, port=p.port, timeout=2)
+            return {rd.address for rr in r.answer for rd in rr}
+
+        wait_for(lambda: answer() == {"192.0.2.5"})
+
+
+def test_no_failed_query_during_reloads_of_a_large_zone(tmp_path: Path) -> None:
+    n = 20_000
+    body = "".join(f"h{i} IN A 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
+    make_zone_dir(tmp_path, {"r.test.zone": zone(1, "www IN A 192.0.2.1\n" + body)})
+    path = write_config(tmp_path, '[api]\nlisten = ""\n')
+    path.write_text(path.read_text().replace("[zones]", "[zones]\ndebounce_s = 0.05"))
+    failures: list[str] = []
+    answered = 0
+    stop = threading.Event()
+    with run_server(load_config(path)) as s:
+
+        def loop() -> None:
+            nonlocal answered
+            while not stop.is_set():
+                try:
+                    r = s.query("www.r.test", "A")
+                    if r.rcode() != 0 or not r.answer:
+                        failures.append(dns.rcode.to_text(r.rcode()))
+                    answered += 1
+                except Exception as exc:  # a timeout is a dropped query
+                    failures.append(repr(exc))
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            for serial in (2, 3, 4):
+                write_atomic(
+                    tmp_path / "zones" / "r.test.zone", zone(serial, "www IN A 192.0.2.1\n" + body)
+                )
+                wait_for(
+                    lambda serial=serial: s.app.zone_status["r.test."].serial == serial,  # type: ignore[misc]
+                    timeout_s=60,
+                )
+        finally:
+            stop.set()
+            t.join()
+    assert failures == []
+    assert answered > 0
