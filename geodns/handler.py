@@ -45,7 +45,7 @@ from .wire import (
     encode_opt,
     error_reply,
 )
-from .zones import AAAA, AXFR, IXFR, OPT, A, GeoName, RRset
+from .zones import AAAA, AXFR, IXFR, OPT, A, GeoName, RRset, Zone
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,22 @@ class Stats:
         self.queries[key] = self.queries.get(key, 0) + 1
 
 
+@dataclass(slots=True)
+class CacheInfo:
+    """What a reply depended on, so a packet cache can tell when it is still valid."""
+
+    zone_key: bytes | None  # origin of the zone that answered (None: REFUSED)
+    zone: Zone | None  # that zone snapshot (identity: a reload replaces it)
+    catalog_generation: int  # zones added/removed since (changes longest-match)
+    pools: tuple[tuple[str, int], ...]  # geo pools used, with their health version
+    by_source: bool  # the client was located by the packet source, not ECS
+    scope: int  # the decision's prefix length (source family bits when by_source)
+    stats_key: tuple[str, int, str]
+    sites: tuple[str, ...]
+    ecs: bool
+    geo_generation: int  # GeoIP database generation
+
+
 # Locate the client: (address, family width) -> Location (geo.Locator.locate)
 Locate = Callable[[IPAddress], Location]
 # The geo decision function (pick.decide)
@@ -116,12 +132,23 @@ class Handler:
     ) -> None:
         self.holder = holder
         self.settings = settings or Settings()
-        self.locate = locate
+        self.geo_generation = 0
+        self._locate = locate
         self.decide = decide
         self.cookies = cookies or CookieJar()
         self.is_special = is_special
         self.special_block = special_block
         self.stats = stats or Stats()
+
+    @property
+    def locate(self) -> Locate | None:
+        return self._locate
+
+    @locate.setter
+    def locate(self, fn: Locate | None) -> None:
+        """Swap the GeoIP lookup (a new database); cached answers made with it go stale."""
+        self._locate = fn
+        self.geo_generation += 1
 
     # -- the entry point -------------------------------------------------------------
     def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
@@ -136,11 +163,25 @@ class Handler:
         if q is None:
             self.stats.dropped += 1
             return None
-        reply = self._answer(q, addr, transport)
-        return reply
+        return self._answer(q, addr, transport)[0]
+
+    def process(
+        self, data: bytes, addr: tuple[str, int], transport: Transport
+    ) -> tuple[bytes | None, CacheInfo | None]:
+        """Like handle(), plus what a packet cache needs to reuse the reply (or None)."""
+        try:
+            q = decode_query(data)
+        except BadQuery:
+            return self.handle(data, addr, transport), None
+        if q is None:
+            self.stats.dropped += 1
+            return None, None
+        return self._answer(q, addr, transport)
 
     # -- steps ----------------------------------------------------------------------
-    def _answer(self, q: Query, addr: tuple[str, int], transport: Transport) -> bytes:
+    def _answer(
+        self, q: Query, addr: tuple[str, int], transport: Transport
+    ) -> tuple[bytes, CacheInfo | None]:
         edns = q.edns
         udp = transport is Transport.UDP
         limit = (
@@ -153,7 +194,7 @@ class Handler:
         if edns is not None:
             if edns.version > 0:
                 # RFC 6891 §6.1.3: BADVERS, with an OPT of the highest version we do (0)
-                return self._simple(q, BADVERS, edns, [], transport)
+                return self._simple(q, BADVERS, edns, [], transport), None
             if edns.ecs is not None:
                 self.stats.ecs_queries += 1
             if edns.cookie is not None:
@@ -161,7 +202,7 @@ class Handler:
                 options.append((OPT_COOKIE, cookie_opt))
                 if not cookie_ok and self.settings.cookies_require and udp:
                     # RFC 7873 §5.2.3: only an opt-in policy answers BADCOOKIE
-                    return self._simple(q, BADCOOKIE, edns, options, transport)
+                    return self._simple(q, BADCOOKIE, edns, options, transport), None
             if edns.nsid and self.settings.nsid:
                 options.append((OPT_NSID, self.settings.nsid))  # RFC 5001 §2.3
         if q.opcode != OP_QUERY:
@@ -170,17 +211,17 @@ class Handler:
             # Checked before QDCOUNT 0: RFC 7873 §5.4 (cookie-only NOERROR) is about
             # QUERY only, and a NOERROR to an UPDATE would read as "update applied".
             rcode = REFUSED if q.opcode == OP_NOTIFY else NOTIMP
-            return self._simple(q, rcode, edns, options, transport)
+            return self._simple(q, rcode, edns, options, transport), None
         if q.qdcount == 0:
             # RFC 7873 §5.4: a query with only a COOKIE gets the cookie back, NOERROR.
-            return self._simple(q, NOERROR, edns, options, transport)
+            return self._simple(q, NOERROR, edns, options, transport), None
         if q.qtype == OPT:
-            return self._simple(q, FORMERR, edns, options, transport)
+            return self._simple(q, FORMERR, edns, options, transport), None
         if q.qclass != CLASS_IN:
-            return self._simple(q, REFUSED, edns, options, transport)
+            return self._simple(q, REFUSED, edns, options, transport), None
         if q.qtype in (AXFR, IXFR):
             # Zone transfer is not offered: geo answers cannot be transferred.
-            return self._simple(q, REFUSED, edns, options, transport)
+            return self._simple(q, REFUSED, edns, options, transport), None
 
         steer = _Steer(self, q, addr) if self.decide is not None else None
         view = self.holder.view
@@ -207,7 +248,21 @@ class Handler:
             options.append((OPT_ECS, encode_ecs(edns.ecs, scope)))
         reply = self._encode(q, ans, edns, options, limit)
         self.stats.count(q.qtype, ans.rcode, transport)
-        return reply
+        if edns is not None and edns.cookie is not None:
+            return reply, None  # a server cookie is per client and per time: not reusable
+        info = CacheInfo(
+            zone_key=ans.zone.origin if ans.zone is not None else None,
+            zone=ans.zone,
+            catalog_generation=view.catalog.generation,
+            pools=tuple(steer.pools_used.items()) if steer is not None else (),
+            by_source=steer is not None and steer.used and steer.by_source,
+            scope=ans.decision.scope if ans.decision is not None else 0,
+            stats_key=(QTYPE_NAMES.get(q.qtype, "OTHER"), ans.rcode, transport.value),
+            sites=ans.decision.sites if ans.decision is not None else (),
+            ecs=edns is not None and edns.ecs is not None,
+            geo_generation=self.geo_generation,
+        )
+        return reply, info
 
     def _cookie(self, opt: bytes, addr: tuple[str, int]) -> tuple[bool, bytes]:
         client = opt[:8]
@@ -288,6 +343,13 @@ class Handler:
         return w.finish(q.id, flags)
 
 
+def ecs_ip(ecs: ClientSubnet | None) -> IPAddress | None:
+    """The ECS address that locates the client, if the option carries a usable one."""
+    if ecs is None or ecs.source == 0:
+        return None
+    return ecs.ip
+
+
 def client_address(
     source: str,
     ecs: ClientSubnet | None,
@@ -316,7 +378,16 @@ def client_address(
 class _Steer:
     """Per-query geo steering: locates the client once, then asks pick.decide."""
 
-    __slots__ = ("client", "handler", "located", "location", "scope_override")
+    __slots__ = (
+        "by_source",
+        "client",
+        "handler",
+        "located",
+        "location",
+        "pools_used",
+        "scope_override",
+        "used",
+    )
 
     def __init__(self, handler: Handler, q: Query, addr: tuple[str, int]) -> None:
         self.handler = handler
@@ -326,6 +397,10 @@ class _Steer:
         self.client, self.scope_override = client_address(
             addr[0], ecs, handler.is_special, handler.special_block
         )
+        # located by the packet source (no usable ECS): the reply depends on the source
+        self.by_source = self.client is not ecs_ip(ecs) or self.scope_override is not None
+        self.used = False
+        self.pools_used: dict[str, int] = {}
 
     def __call__(self, geo: GeoName, qtype: int) -> tuple[Decision, RRset | None] | None:
         h = self.handler
@@ -333,6 +408,8 @@ class _Steer:
         pool = view.pools.get(geo.pool)
         if pool is None or h.decide is None:
             return None
+        self.used = True
+        self.pools_used[geo.pool] = view.pool_versions.get(geo.pool, 0)
         if not self.located:
             self.located = True
             self.location = h.locate(self.client) if h.locate is not None else None

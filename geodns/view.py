@@ -41,16 +41,25 @@ class Catalog:
 
     def __init__(self) -> None:
         self.zones: dict[bytes, Zone | None] = {}
+        # bumped when a zone is added or removed (that changes which zone is the
+        # longest match for some names); replacing a zone's snapshot does not bump it
+        self.generation = 0
 
     def set(self, origin: bytes, zone: Zone | None) -> None:
         """Publish one zone snapshot (or mark it unloaded); other zones are untouched."""
         if zone is not None and zone.version == 0:
             zone = replace(zone, version=next_version())
+        if self.zones.get(origin) is None:
+            # a new zone, or one that was SERVFAIL until now: answers cached without it
+            # (REFUSED, SERVFAIL, a parent zone's) must not be reused
+            self.generation += 1
         self.zones[origin] = zone
 
     def remove(self, origin: bytes) -> None:
         """Forget a zone: its names are REFUSED afterwards."""
-        self.zones.pop(origin, None)
+        if origin in self.zones:
+            del self.zones[origin]
+            self.generation += 1
 
     def find(self, qname: bytes, offsets: tuple[int, ...], qtype: int) -> tuple[bool, Zone | None]:
         """Longest-suffix match in O(labels): (found, zone-or-None-if-unloaded).

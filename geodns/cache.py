@@ -1,0 +1,138 @@
+"""The packet cache: a repeated question is answered with one dict lookup.
+
+The key is the query's bytes after the ID: the question exactly as sent (so 0x20 case
+needs no patching), the flags, and the whole OPT record (EDNS presence, version, DO,
+payload size and the ECS option with the client's prefix). The reply is stored without
+its ID and spliced behind the new ID. Queries with a COOKIE option are never cached
+(server cookies are per client and per time).
+
+An entry remembers what its reply depended on and is checked on every hit, so a cached
+answer is never served across a change:
+  - the zone snapshot that answered (identity: a reload publishes a new object) and the
+    catalog generation (zones added or removed change the longest match);
+  - the health version of each geo pool the answer used (a health flip, override or its
+    expiry publishes new versions for the pools of that site only, not one global
+    generation);
+  - the GeoIP database generation.
+A geo answer decided on the packet source (no usable ECS) is kept per source /24
+(IPv4) or /56 (IPv6), and only when the decision's scope is no longer than that, i.e.
+the answer is the same for the whole network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .handler import CacheInfo, Handler
+from .model import Transport
+
+SOURCE_PREFIX_V4 = 24
+SOURCE_PREFIX_V6 = 56
+
+
+@dataclass(slots=True)
+class _Entry:
+    info: CacheInfo
+    tail: bytes | None  # reply[2:] when the reply does not depend on the source
+    # source network -> (reply[2:], sites answered) for answers located by the source
+    by_source: dict[str, tuple[bytes, tuple[str, ...]]] | None
+
+
+def _source_key(host: str) -> tuple[str, int]:
+    """The client's /24 (IPv4) or /56 (IPv6) as a string key, and its prefix length."""
+    if ":" not in host:
+        return host.rpartition(".")[0], SOURCE_PREFIX_V4
+    addr = ipaddress.IPv6Address(host.split("%")[0])
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped).rpartition(".")[0], SOURCE_PREFIX_V4
+    return addr.packed[:7].hex(), SOURCE_PREFIX_V6
+
+
+class PacketCache:
+    """Wraps a Handler; `handle` has the same signature and the same replies."""
+
+    def __init__(self, handler: Handler, max_entries: int = 100_000) -> None:
+        self.handler = handler
+        self.max_entries = max_entries
+        self.udp: dict[bytes, _Entry] = {}
+        self.tcp: dict[bytes, _Entry] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _valid(self, info: CacheInfo) -> bool:
+        h = self.handler
+        view = h.holder.view
+        catalog = view.catalog
+        if catalog.generation != info.catalog_generation:
+            return False
+        if info.zone_key is not None and catalog.zones.get(info.zone_key) is not info.zone:
+            return False
+        if info.pools:
+            versions = view.geo.pool_versions
+            for pool, version in info.pools:
+                if versions.get(pool, 0) != version:
+                    return False
+            if info.geo_generation != h.geo_generation:
+                return False
+        return True
+
+    def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        """Answer from the cache when the entry is still valid, else through the handler."""
+        cache = self.udp if transport is Transport.UDP else self.tcp
+        key = data[2:]
+        entry = cache.get(key)
+        if entry is not None and self._valid(entry.info):
+            tail = entry.tail
+            sites = entry.info.sites
+            if tail is None and entry.by_source is not None:
+                hit = entry.by_source.get(_source_key(addr[0])[0])
+                if hit is not None:
+                    tail, sites = hit
+            if tail is not None:
+                self.hits += 1
+                hit_info = entry.info
+                stats = self.handler.stats
+                key_s = hit_info.stats_key
+                stats.queries[key_s] = stats.queries.get(key_s, 0) + 1
+                if hit_info.ecs:
+                    stats.ecs_queries += 1
+                for site in sites:
+                    stats.answers_by_site[site] = stats.answers_by_site.get(site, 0) + 1
+                return data[:2] + tail
+        self.misses += 1
+        reply, info = self.handler.process(data, addr, transport)
+        if reply is None or info is None or len(data) < 12:
+            return reply
+        if len(cache) >= self.max_entries:
+            cache.clear()  # simple and bounded; a full cache refills in one pass
+        if not info.by_source:
+            cache[key] = _Entry(info, reply[2:], None)
+            return reply
+        source, width = _source_key(addr[0])
+        if info.scope > width:
+            return reply  # the answer differs inside the client's /24 (/56): not cached
+        if (
+            entry is None
+            or entry.by_source is None
+            or not self._valid(entry.info)
+            or not self._same(entry.info, info)
+        ):
+            entry = _Entry(info, None, {})
+            cache[key] = entry
+        assert entry.by_source is not None
+        entry.by_source[source] = (reply[2:], info.sites)
+        return reply
+
+    def _same(self, a: CacheInfo, b: CacheInfo) -> bool:
+        """Two answers made from the same data (so one entry can hold both sources)."""
+        return (
+            a.zone is b.zone
+            and a.catalog_generation == b.catalog_generation
+            and a.pools == b.pools
+            and a.geo_generation == b.geo_generation
+        )
+
+    def clear(self) -> None:
+        self.udp.clear()
+        self.tcp.clear()
