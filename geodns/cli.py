@@ -92,6 +92,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_geoip_update(args: argparse.Namespace) -> int:
+    """Download, verify and install a GeoIP database into [geoip] state_dir."""
+    from .geoip_update import UpdateError, update
+
+    config = _load(args)
+    try:
+        result = update(
+            config.geoip, args.url, progress=lambda msg: print(msg, file=sys.stderr, flush=True)
+        )
+    except UpdateError as exc:
+        print(f"geoip update failed, the database in use is unchanged: {exc}", file=sys.stderr)
+        return 1
+    for line in result.lines():
+        print(line)
+    interval = config.geoip.reload_interval_s
+    when = f"within {interval:g} s or on SIGHUP" if interval > 0 else "on SIGHUP"
+    print(f"a running server switches to it {when}, without a restart")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geodns", description=__doc__)
     parser.add_argument("--config", help="config file (default: $GEODNS_CONFIG or ./geodns.toml)")
@@ -114,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config and zone files")
     check.add_argument("paths", nargs="*", help="zone files or directories")
     check.set_defaults(func=cmd_check)
+    geoip = sub.add_parser("geoip", help="GeoIP database commands")
+    geoip_sub = geoip.add_subparsers(dest="geoip_command", required=True)
+    geoip_update = geoip_sub.add_parser(
+        "update",
+        help="download a GeoIP database into [geoip] state_dir and switch to it",
+        description="Download (default: DB-IP City Lite of this month), verify and "
+        "atomically install state_dir/current.mmdb, which takes precedence over "
+        "[geoip] database. The tracked data/ file is never written.",
+    )
+    geoip_update.add_argument(
+        "--url", help="http(s):// or file:// URL or a local path; .mmdb, .mmdb.gz or .tar.gz"
+    )
+    geoip_update.set_defaults(func=cmd_geoip_update)
     return parser
 
 

@@ -98,7 +98,18 @@ class GeoipConfig:
     countries: str = _doc("country table: iso,continent,lat,lon,name", "")
     cities: str = _doc("city table for placing sites by city + country", "")
     cache_size: int = _doc("cached lookups (per network)", 65536)
-    state_dir: str = _doc("where `geodns geoip update` puts downloaded databases", "state/geoip")
+    state_dir: str = _doc(
+        "where `geodns geoip update` installs downloaded databases (git-ignored); "
+        "state_dir/current.mmdb, when it exists, is used instead of `database`, at start "
+        "and from the next reload check on",
+        "state/geoip",
+    )
+    reload_interval_s: float = _doc(
+        "seconds between checks for a replaced GeoIP database (the file in use, or a new "
+        "state_dir/current.mmdb), reopened without a restart; SIGHUP checks at once; 0 = "
+        "only on SIGHUP",
+        60.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -480,7 +491,10 @@ def load_config(path: str | Path | None = None) -> Config:
         cities=rel(geoip.cities, _REPO_DATA / "cities.csv"),
         cache_size=geoip.cache_size,
         state_dir=rel(geoip.state_dir, base / "state/geoip"),
+        reload_interval_s=geoip.reload_interval_s,
     )
+    if geoip.reload_interval_s < 0:
+        problems.append(f"{where}: geoip.reload_interval_s: must be >= 0 (0 = only on SIGHUP)")
 
     sites: dict[str, Site] = {}
     site_checks: dict[str, CheckSpec] = {}
