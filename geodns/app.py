@@ -16,6 +16,7 @@ from . import geo, pick
 from .config import Config, load_config, parse_listen
 from .cookies import CookieJar
 from .errors import ConfigError, StoreError
+from .geoip_update import GeoipWatcher
 from .handler import Handler, Settings, Stats
 from .health import HealthManager, HealthPolicy
 from .reload import ZoneReloader, ZoneStatus
@@ -61,6 +62,7 @@ class App:
             watch=zc.watch,
         )
         self.config_error: list[str] | None = None
+        self._geoip_task: asyncio.Task[None] | None = None
 
     def _make_handler(self) -> Handler:
         cfg = self.config
@@ -74,9 +76,11 @@ class App:
             cookies_require=cfg.cookies.require,
         )
         locate = None
+        # state_dir/current.mmdb (from `geodns geoip update`) if present, else [geoip]
+        # database; reload_geoip() follows later replacements.
+        self.geoip = GeoipWatcher(lambda: self.config.geoip)
         try:
-            countries = geo.CountryTable.load(cfg.geoip.countries)
-            self.locator = geo.Locator(cfg.geoip.database, countries, cfg.geoip.cache_size)
+            self.locator = self.geoip.open()
             locate = self.locator.locate
         except geo.GeoIPError as exc:
             # Serve anyway: geo names answer with their zone-file records; /readyz says so.
@@ -129,6 +133,10 @@ class App:
         await self.dns.start(sockets)
         report = await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
+        if self.config.geoip.reload_interval_s > 0:
+            self._geoip_task = asyncio.create_task(
+                self._reload_geoip_every(self.config.geoip.reload_interval_s)
+            )
         self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
 
@@ -183,6 +191,7 @@ class App:
         for p in problems:
             log.error("reload: config rejected, the running one stays: %s", p)
         report = await self.reloader.reload_all()
+        await asyncio.to_thread(self.reload_geoip)
         return {
             "config_errors": problems,
             "loaded": report.loaded,
@@ -191,7 +200,27 @@ class App:
             "removed": report.removed,
         }
 
+    def reload_geoip(self) -> bool:
+        """Reopen a replaced GeoIP database or switch to a newly installed one.
+
+        True if answers now come from a new database. Safe from any thread: the handler
+        reads `locate` per query, and replacing it is one assignment.
+        """
+        locator = self.geoip.check()
+        if locator is None:
+            return False
+        self.locator, self.geoip_error = locator, None
+        self.handler.locate = locator.locate
+        return True
+
+    async def _reload_geoip_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.reload_geoip)  # opening a file: off the loop
+
     async def stop(self) -> None:
+        if self._geoip_task is not None:
+            self._geoip_task.cancel()
         await self.reloader.stop()
         if self.dns is not None:
             await self.dns.stop()
