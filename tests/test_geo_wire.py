@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +26,11 @@ import dnslib
 import maxminddb
 import pytest
 
-from geodns.config import load_config
+from geodns.config import Config, load_config
 from geodns.model import Health, SiteState
-from geodns.view import GeoState, next_version
+from geodns.view import next_version
 from tests.mmdb_util import DEFAULT_ENTRIES, city_record, write_default_test_mmdb, write_test_mmdb
-from tests.serverutil import REPO, Running, run_server, serve_files
+from tests.serverutil import REPO, Running, make_zone_dir, run_server, write_config
 
 ZONE = """\
 $ORIGIN example.com.
@@ -113,11 +113,17 @@ def geo_config(database: Path, state_dir: Path) -> str:
     return f'[geoip]\ndatabase = "{database}"\nstate_dir = "{state_dir}"\n' + SITES
 
 
+def without_api(config: Config) -> Config:
+    """No ops HTTP API: these tests only speak DNS (and need no fixed port)."""
+    return replace(config, api=replace(config.api, listen=""))
+
+
 @contextmanager
 def geo_server(tmp: Path, database: Path) -> Iterator[Running]:
     """A server for ZONE + GEO with the sites above, reading `database`."""
-    files = {"example.com.zone": ZONE, "example.com.geo.toml": GEO}
-    with serve_files(tmp, files, geo_config(database, tmp / "state")) as running:
+    make_zone_dir(tmp, {"example.com.zone": ZONE, "example.com.geo.toml": GEO})
+    config = load_config(write_config(tmp, geo_config(database, tmp / "state")))
+    with run_server(without_api(config)) as running:
         yield running
 
 
@@ -333,18 +339,25 @@ def test_private_ecs_is_located_by_the_packet_source(
 
 @contextmanager
 def site_states(running: Running, states: dict[str, SiteState]) -> Iterator[None]:
-    """Publish these health states on the server's loop; restore the old ones after."""
+    """Publish these health states on the server's loop; restore the old ones after.
+
+    Every pool gets a new health version, as the health manager would publish, so that
+    nothing decided on the old states is reused.
+    """
     holder = running.app.holder
     before = holder.view.geo
 
-    async def publish(geo: GeoState) -> None:
-        holder.publish_geo(geo)
+    async def publish(new_states: Mapping[str, SiteState]) -> None:
+        versions = {pool: next_version() for pool in before.pools}
+        holder.publish_geo(
+            replace(before, states=new_states, version=next_version(), pool_versions=versions)
+        )
 
-    running.call(publish(replace(before, states=states, version=next_version())))
+    running.call(publish(states))
     try:
         yield
     finally:
-        running.call(publish(before))
+        running.call(publish(before.states))
 
 
 DOWN = SiteState(observed=Health.DOWN)
@@ -386,14 +399,13 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running,
     # State (SQLite, journal, downloaded GeoIP) in tmp, no ops API: nothing touches the
     # repository, and a state/geoip/current.mmdb there cannot replace the shipped file.
     config = replace(
-        config,
+        without_api(config),
         store=replace(
             config.store,
             database_url=f"sqlite:///{tmp}/state.sqlite3",
             journal_dir=str(tmp / "journal"),
         ),
         geoip=replace(config.geoip, state_dir=str(tmp / "geoip")),
-        api=replace(config.api, listen=""),
     )
     with run_server(config) as running:
         yield running, database
