@@ -1,0 +1,102 @@
+"""Policy tests (zones/<origin>.tests.toml) run with the production decision code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geodns import geo, pick
+from geodns.config import load_config
+from geodns.errors import ZoneError
+from geodns.policytests import country_locations, failures, load_cases, run_cases
+from geodns.view import GeoState
+from geodns.zones import parse_zone
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world():  # type: ignore[no-untyped-def]
+    cfg = load_config(REPO / "geodns.toml")
+    zone = parse_zone(REPO / "zones" / "example.com.zone", cfg.pools)
+    countries = geo.CountryTable.load()
+    locator = geo.Locator(REPO / "data" / "dbip-country.mmdb", countries)
+    state = GeoState(cfg.sites, cfg.pools, {})
+    return zone, state, locator, country_locations(countries.get)
+
+
+def run(world, tmp_path: Path, text: str) -> list[str]:  # type: ignore[no-untyped-def]
+    zone, state, locator, point = world
+    path = tmp_path / "example.com.tests.toml"
+    path.write_text(text)
+    cases = load_cases(path, "example.com.")
+    return failures(run_cases(zone, cases, state, pick.decide, locator.locate, point))
+
+
+def test_passing_cases(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    text = """
+[[case]]
+client = "212.58.224.1"
+name = "www"
+expect_site = "uk"
+[[case]]
+country = "DE"
+name = "www"
+expect_site = "fra"
+[[case]]
+client = "212.58.224.1"
+name = "www"
+down = ["uk"]
+expect_site = "fra"
+[[case]]
+country = "US"
+name = "www"
+type = "AAAA"
+expect_site = "uk"
+[[case]]
+client = "212.58.224.1"
+name = "www"
+drained = ["uk", "fra", "iad"]
+expect = "zone"
+"""
+    assert run(world, tmp_path, text) == []
+
+
+def test_failing_case_names_file_case_and_what_happened(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    text = '[[case]]\ncountry = "DE"\nname = "www"\nexpect_site = "uk"\n'
+    problems = run(world, tmp_path, text)
+    assert len(problems) == 1
+    assert (
+        "example.com.tests.toml: case[0]: www.example.com. A: expected uk, got fra" in (problems[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ('[[case]]\nname = "www"\nexpect_site = "uk"\n', "give exactly one of client or country"),
+        ('[[case]]\ncountry = "DE"\nname = "www"\n', "needs expect_site"),
+        ('[[case]]\ncountry = "DE"\nname = "www"\nexpect_site = "uk"\nsite = 1\n', "unknown key"),
+        ('[[case]]\nclient = "nope"\nname = "www"\nexpect_site = "uk"\n', "case[0].client"),
+        ('[[case]]\ncountry = "DE"\ntype = "MX"\nexpect_site = "uk"\n', "case[0].type"),
+    ],
+    ids=["no-client", "no-expectation", "unknown-key", "bad-ip", "bad-type"],
+)
+def test_bad_tests_file(tmp_path: Path, text: str, expect: str) -> None:
+    path = tmp_path / "example.com.tests.toml"
+    path.write_text(text)
+    with pytest.raises(ZoneError) as err:
+        load_cases(path, "example.com.")
+    assert any(expect in p for p in err.value.problems), err.value.problems
+
+
+def test_ip_cases_do_not_block_when_asked(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    zone, state, locator, point = world
+    path = tmp_path / "t.tests.toml"
+    path.write_text('[[case]]\nclient = "212.58.224.1"\nname = "www"\nexpect_site = "fra"\n')
+    results = run_cases(
+        zone, load_cases(path, "example.com."), state, pick.decide, locator.locate, point
+    )
+    assert failures(results, ip_cases_block=True)
+    assert failures(results, ip_cases_block=False) == []
