@@ -1,0 +1,404 @@
+"""DNS over TCP (RFC 7766, RFC 1035 §4.2.2) against a real server on loopback.
+
+Nothing here sleeps to wait for an event: closes are awaited with bounded `recv`s, and
+the server's connection table is polled with a deadline. The only pauses are the ones
+that shape the byte stream into separate segments.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from .serverutil import Running, make_zone_dir, run_process, serve_files, write_config
+
+ZONE = (Path(__file__).parent / "zones" / "example.test.zone").read_text()
+ZONES = {"example.test.zone": ZONE}
+
+# No ops API: these servers run side by side, and only DNS is under test here.
+NO_API = """
+[api]
+listen = ""
+"""
+FAST = (
+    NO_API
+    + """
+[server]
+tcp_query_timeout_s = 0.5
+tcp_idle_timeout_s = 0.5
+"""
+)
+LIMITS = (
+    NO_API
+    + """
+[server]
+tcp_max_connections = 5
+"""
+)
+PER_CLIENT = (
+    NO_API
+    + """
+[server]
+tcp_max_connections_per_client = 2
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """Default (long) timeouts: for framing tests whose pacing must not race a timer."""
+    with serve_files(tmp_path_factory.mktemp("tcp"), ZONES, NO_API) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with serve_files(tmp_path_factory.mktemp("fast"), ZONES, FAST) as running:
+        yield running
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Running]:
+    with serve_files(tmp_path, ZONES, LIMITS) as running:
+        yield running
+
+
+@pytest.fixture
+def per_client(tmp_path: Path) -> Iterator[Running]:
+    with serve_files(tmp_path, ZONES, PER_CLIENT) as running:
+        yield running
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def wire_query(qid: int, name: str = "www.example.test", rdtype: str = "A") -> bytes:
+    q = dns.message.make_query(name, rdtype, use_edns=False)
+    q.id = qid
+    return q.to_wire()
+
+
+def framed(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg
+
+
+def connect(running: Running, source: str | None = None, timeout: float = 5.0) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(timeout)
+    if source is not None:
+        s.bind((source, 0))
+    s.connect(running.addr)
+    return s
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} octets")
+        buf += chunk
+    return buf
+
+
+def read_reply(s: socket.socket) -> dns.message.Message:
+    (size,) = struct.unpack("!H", recv_exact(s, 2))
+    return dns.message.from_wire(recv_exact(s, size))
+
+
+def ask(s: socket.socket, qid: int, name: str = "www.example.test") -> dns.message.Message:
+    s.sendall(framed(wire_query(qid, name)))
+    m = read_reply(s)
+    assert m.id == qid
+    assert m.rcode() == dns.rcode.NOERROR
+    return m
+
+
+def wait_closed(s: socket.socket, timeout: float) -> float | None:
+    """Seconds until the peer closed the connection (EOF or RST), None if it did not
+    within `timeout`. Any data that arrives first is a failure."""
+    start = time.monotonic()
+    s.settimeout(timeout)
+    try:
+        data = s.recv(1)
+    except (ConnectionResetError, BrokenPipeError):
+        return time.monotonic() - start
+    except TimeoutError:
+        return None
+    assert data == b"", f"unexpected data {data!r}"
+    return time.monotonic() - start
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Bounded polling of an in-process condition."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def connections(running: Running) -> int:
+    assert running.app.dns is not None
+    return len(running.app.dns.tcp_state.connections)
+
+
+def udp_ok(running: Running) -> None:
+    m = running.query("www.example.test", "A")
+    assert m.rcode() == dns.rcode.NOERROR and m.answer
+
+
+def tcp_ok(running: Running) -> None:
+    with connect(running) as s:
+        ask(s, 4242)
+
+
+# --------------------------------------------------------------------------------------
+# framing
+
+
+def test_several_queries_on_one_connection(server: Running) -> None:
+    with connect(server) as s:
+        for i, name in enumerate(["www.example.test", "mail.example.test", "ns1.example.test"]):
+            m = ask(s, 100 + i, name)
+            assert str(m.answer[0].name) == name + "."
+        # also after an error reply: FORMERR does not end the conversation
+        bad = wire_query(7)[:-1]  # truncated question
+        s.sendall(framed(bad))
+        assert read_reply(s).rcode() == dns.rcode.FORMERR
+        ask(s, 200)
+
+
+def test_pipelined_queries_in_one_write(server: Running) -> None:
+    names = ["www.example.test", "big.example.test", "nothere.example.test"]
+    with connect(server) as s:
+        s.sendall(b"".join(framed(wire_query(300 + i, n, "TXT")) for i, n in enumerate(names)))
+        replies = {m.id: m for m in (read_reply(s) for _ in names)}  # any order (RFC 7766 §6.2.1.1)
+        assert set(replies) == {300, 301, 302}
+        assert len(replies[301].answer[0]) == 6  # TCP: the big RRset whole, no TC
+        assert not replies[301].flags & dns.flags.TC
+        assert replies[302].rcode() == dns.rcode.NXDOMAIN
+
+
+def test_length_prefix_split_byte_by_byte(server: Running) -> None:
+    """RFC 7766 §8: the 2-octet length and the message may arrive in any segmentation."""
+    stream = framed(wire_query(400)) + framed(wire_query(401, "mail.example.test"))
+    with connect(server) as s:
+        for i in range(len(stream)):
+            s.send(stream[i : i + 1])
+            time.sleep(0.002)  # pacing: one segment per octet, not a wait for an event
+        assert read_reply(s).id == 400
+        assert read_reply(s).id == 401
+
+
+def test_length_prefix_split_across_messages(server: Running) -> None:
+    """A segment that ends one message and carries half of the next length prefix."""
+    one, two = framed(wire_query(500)), framed(wire_query(501))
+    with connect(server) as s:
+        for chunk in (one[:1], one[1:-1], one[-1:] + two[:1], two[1:2], two[2:]):
+            s.send(chunk)
+            time.sleep(0.01)  # pacing
+        assert {read_reply(s).id, read_reply(s).id} == {500, 501}
+
+
+# --------------------------------------------------------------------------------------
+# timeouts (server configured with 0.5 s idle and 0.5 s per message)
+
+
+def test_half_written_message_closed_after_query_timeout(fast: Running) -> None:
+    msg = framed(wire_query(600))
+    with connect(fast) as s:
+        s.sendall(msg[: len(msg) // 2])
+        elapsed = wait_closed(s, 5)
+    assert elapsed is not None, "server kept a half-written message open"
+    assert 0.3 <= elapsed < 3
+
+
+def test_half_length_prefix_closed_after_query_timeout(fast: Running) -> None:
+    with connect(fast) as s:
+        s.sendall(b"\x00")
+        elapsed = wait_closed(s, 5)
+    assert elapsed is not None
+    assert 0.3 <= elapsed < 3
+
+
+def test_idle_connection_closed_after_idle_timeout(fast: Running) -> None:
+    with connect(fast) as s:
+        elapsed = wait_closed(s, 5)
+    assert elapsed is not None, "idle connection never closed"
+    assert 0.3 <= elapsed < 3
+
+
+def test_idle_after_answer_closed(fast: Running) -> None:
+    with connect(fast) as s:
+        ask(s, 700)
+        elapsed = wait_closed(s, 5)
+    assert elapsed is not None
+    assert 0.3 <= elapsed < 3
+
+
+def test_dripping_a_message_does_not_extend_its_deadline(fast: Running) -> None:
+    """Slowloris: one octet every 0.1 s must not keep a message in flight forever; the
+    per-message timeout counts from the message's first octet (RFC 7766 §6.2.3)."""
+    msg = framed(wire_query(800, "a" * 60 + ".example.test"))
+    with connect(fast) as s:
+        start = time.monotonic()
+        closed_after = None
+        for i in range(len(msg) - 1):  # never complete the message
+            try:
+                s.send(msg[i : i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - start
+                break
+            gone = wait_closed(s, 0.1)  # doubles as the pacing between octets
+            if gone is not None:
+                closed_after = time.monotonic() - start
+                break
+    assert closed_after is not None, "a dripped message kept the connection open"
+    assert closed_after < 2.0
+
+
+def test_timeouts_do_not_affect_others(fast: Running) -> None:
+    """While a stalled connection waits for its timeout, UDP and new TCP are served."""
+    with connect(fast) as stalled:
+        stalled.sendall(b"\x00\x40abc")
+        udp_ok(fast)
+        tcp_ok(fast)
+        assert wait_closed(stalled, 5) is not None
+
+
+# --------------------------------------------------------------------------------------
+# connection limits
+
+
+def test_connection_limit(limited: Running) -> None:
+    idle = [connect(limited) for _ in range(5)]
+    try:
+        wait_until(lambda: connections(limited) == 5, what="5 connections admitted")
+        with connect(limited) as sixth:
+            elapsed = wait_closed(sixth, 3)
+        assert elapsed is not None, "the 6th connection was not closed"
+        assert connections(limited) == 5
+        udp_ok(limited)  # UDP does not care about the TCP limit
+        ask(idle[0], 900)  # the admitted connections still work
+        idle.pop().close()
+        wait_until(lambda: connections(limited) == 4, what="the closed connection released")
+        tcp_ok(limited)  # a new client fits again
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connections_per_client(per_client: Running) -> None:
+    mine = [connect(per_client, "127.0.0.1") for _ in range(2)]
+    try:
+        wait_until(lambda: connections(per_client) == 2, what="2 connections admitted")
+        with connect(per_client, "127.0.0.1") as third:
+            assert wait_closed(third, 3) is not None, "3rd connection from one client admitted"
+        with connect(per_client, "127.0.0.2") as other:  # another client address
+            ask(other, 901)
+        ask(mine[1], 902)
+        udp_ok(per_client)
+    finally:
+        for s in mine:
+            s.close()
+
+
+# --------------------------------------------------------------------------------------
+# junk streams
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\x00\x00",  # zero-length message
+        b"\x00\x05hello",  # length below a DNS header
+        b"\x00\x0b" + bytes(11),  # 11 octets: still no header
+        framed(
+            dns.message.make_response(dns.message.make_query("www.example.test", "A")).to_wire()
+        ),
+        framed(b"\x00\x01" + bytes(4)),  # 6 octets: no header
+    ],
+    ids=["zero-length", "length-5", "length-11", "response", "length-6"],
+)
+def test_junk_stream_closed_others_unaffected(server: Running, junk: bytes) -> None:
+    with connect(server) as bystander, connect(server) as bad:
+        ask(bystander, 1000)
+        bad.sendall(junk)
+        assert wait_closed(bad, 3) is not None, "junk stream kept open"
+        ask(bystander, 1001)
+    udp_ok(server)
+    tcp_ok(server)
+
+
+def test_junk_after_good_query_closes(server: Running) -> None:
+    """A response message on a query stream ends it; the earlier answer was delivered."""
+    with connect(server) as s:
+        response = dns.message.make_response(dns.message.make_query("x.example.test", "A"))
+        s.sendall(framed(wire_query(1100)) + framed(response.to_wire()))
+        assert read_reply(s).id == 1100
+        assert wait_closed(s, 3) is not None
+
+
+def test_client_that_never_reads(server: Running) -> None:
+    """A client pipelining queries without reading its answers fills its buffers; the
+    server stops reading from it (back-pressure) and keeps serving UDP
+    and other TCP clients."""
+    hog = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    hog.connect(server.addr)
+    hog.setblocking(False)
+    query = framed(wire_query(1200, "big.example.test", "TXT"))  # ~700-octet answers
+    batch = query * 100
+    sent = 0
+    blocked = False
+    try:
+        while sent < 4_000_000:
+            try:
+                sent += hog.send(batch)
+            except BlockingIOError:
+                # the kernel buffers are full: the server has stopped reading from us
+                blocked = True
+                break
+            # keep the rest of the world running while we push
+            if sent % (len(batch) * 20) < len(batch):
+                udp_ok(server)
+        assert blocked, f"server kept reading {sent} octets from a client that never reads"
+        for _ in range(3):
+            udp_ok(server)
+            tcp_ok(server)
+    finally:
+        hog.close()
+    tcp_ok(server)
+
+
+# --------------------------------------------------------------------------------------
+# shutdown
+
+
+def test_sigterm_finishes_inflight_answer_and_exits(tmp_path: Path) -> None:
+    make_zone_dir(tmp_path, ZONES)
+    config = write_config(tmp_path, NO_API)
+    with run_process(config) as proc:
+        with socket.create_connection((proc.host, proc.port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(framed(wire_query(1300, "big.example.test", "TXT")))
+            proc.proc.send_signal(signal.SIGTERM)
+            m = read_reply(s)
+            assert m.id == 1300 and len(m.answer[0]) == 6
+        start = time.monotonic()
+        code = proc.proc.wait(timeout=5)
+        assert code == 0
+        assert time.monotonic() - start < 5
