@@ -416,3 +416,14 @@ def test_reload_timer_picks_up_an_update(
         while site_for(running) != "syd":
             assert time.monotonic() < deadline, "the timer did not reload the database"
             time.sleep(0.02)  # bounded polling for the timer's next tick
+
+
+def test_sighup_reload_also_picks_up_an_update(
+    http: FileServer, databases: dict[str, bytes], tmp_path: Path
+) -> None:
+    with server_with(tmp_path, databases["gb"], reload_interval_s=0) as running:
+        assert running.app._geoip_task is None  # 0: no timer, only SIGHUP
+        update(running.app.config.geoip, http.put("hup/de.mmdb", databases["de"]))
+        assert site_for(running) == "uk"
+        running.call(running.app.reload())  # what SIGHUP runs
+        assert site_for(running) == "fra"
