@@ -203,7 +203,8 @@ def resolve(
             if steered is not None:
                 decision, synth = steered
                 ans.decision = decision
-                ans.scope = decision.scope
+                # a CNAME chain through several geo names: the longest scope holds
+                ans.scope = max(ans.scope, decision.scope)
                 if not decision.use_zone_record:
                     if synth is not None:
                         ans.answer.append((owner, synth, None))

@@ -41,7 +41,11 @@ def write_config(directory: Path, body: str = "", zones: str = "zones") -> Path:
         journal_dir = "{directory}/journal"
         """
     )
-    path.write_text(text + textwrap.dedent(body))
+    body = textwrap.dedent(body)
+    if "[api]" not in body:
+        # tests never take the default 127.0.0.1:8053: an OS-chosen port instead
+        text += '[api]\nlisten = "127.0.0.1:0"\n'
+    path.write_text(text + body)
     return path
 
 
