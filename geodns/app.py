@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import replace
 
-from . import geo, pick
+from . import geo, ops, pick
 from .config import Config, load_config, parse_listen
 from .cookies import CookieJar
 from .errors import ConfigError, StoreError
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 class App:
     """One `geodns serve` process."""
+
+    api: ops.ApiServer | None = None  # the ops HTTP API; None when [api] listen = ""
 
     def __init__(
         self, config: Config, listen: list[str] | None = None, run_checker: bool = True
@@ -99,6 +101,10 @@ class App:
 
     async def start(self) -> None:
         """Bind, load zones, serve. Returns once every zone has been tried."""
+        # [api] is checked before anything binds: e.g. plain HTTP on a public address
+        # refuses to start (ConfigError) rather than expose the API.
+        api_plan = ops.plan_listen(self.config)
+        api_tokens = ops.load_tokens(self.config) if api_plan is not None else {}
         srv = self.config.server
         limits = TcpLimits(
             srv.tcp_idle_timeout_s,
@@ -111,6 +117,15 @@ class App:
         for addr in self.listen:
             host, port = parse_listen(addr)
             sockets.append(bind_sockets(host, port))
+        if api_plan is not None:
+            self.api = ops.ApiServer(self, api_plan, api_tokens)
+            try:
+                await self.api.start()  # before dropping privileges: the port may be < 1024
+            except OSError:
+                for pair in sockets:
+                    for sock in pair:
+                        sock.close()
+                raise
         _drop_privileges(srv.user)
         self.store = self._open_store()
         self.health = HealthManager(
@@ -162,6 +177,11 @@ class App:
     @property
     def dns_addresses(self) -> list[tuple[str, int]]:
         return self.dns.addresses if self.dns else []
+
+    @property
+    def api_addresses(self) -> list[tuple[str, int]]:
+        """Where the ops API listens ([] when it is off)."""
+        return self.api.addresses if self.api else []
 
     async def reload(self) -> dict[str, object]:
         """SIGHUP / POST /v1/reload: re-read geodns.toml, then every zone file.
@@ -219,6 +239,8 @@ class App:
             await asyncio.to_thread(self.reload_geoip)  # opening a file: off the loop
 
     async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
         if self._geoip_task is not None:
             self._geoip_task.cancel()
         await self.reloader.stop()
