@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import Config, load_config
 from .errors import ConfigError, GeoDNSError, ZoneError
@@ -112,6 +115,264 @@ def cmd_geoip_update(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- ops API client: explain, sites, drain, undrain --------------------------------------
+
+
+class _ApiFailure(Exception):
+    """The API answered with an error (or could not be reached); str() says why."""
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '30s', '30m', '1h', '2d', '1h30m' -> seconds; ValueError otherwise."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        seconds = float(text)
+    elif text and re.fullmatch(f"(?:{_DURATION.pattern})+", text):
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION.findall(text))
+    else:
+        raise ValueError(f"{text!r} is not a duration like 30m, 1h, 2d or 1h30m")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+def _api_config(args: argparse.Namespace) -> Config | None:
+    """The config, when the URL or token must come from it (else None)."""
+    if args.api and (args.token or os.environ.get("GEODNS_TOKEN")):
+        return None
+    return _load(args)
+
+
+def _api_base(args: argparse.Namespace, config: Config | None) -> str:
+    if args.api:
+        return str(args.api).rstrip("/")
+    assert config is not None
+    if not config.api.listen:
+        raise _ApiFailure(f"{config.path}: [api] listen is empty; pass --api URL")
+    from .config import parse_listen
+
+    host, port = parse_listen(config.api.listen)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    scheme = "https" if config.api.tls_cert else "http"
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _api_token(args: argparse.Namespace, config: Config | None) -> str | None:
+    """--token, else $GEODNS_TOKEN, else the server's generated token file if readable."""
+    token = args.token or os.environ.get("GEODNS_TOKEN")
+    if token or config is None:
+        return token
+    try:
+        return config.resolve(config.api.token_file).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _api_call(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
+    """One request to the ops API; the decoded JSON, or _ApiFailure with the detail."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    config = _api_config(args)
+    url = _api_base(args, config) + path
+    headers = {"Accept": "application/json"}
+    token = _api_token(args, config)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    context = ssl.create_default_context(cafile=args.cacert) if args.cacert else None
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            doc = json.loads(exc.read())
+            detail = doc.get("detail") or doc.get("title")
+        except (ValueError, AttributeError):
+            detail = exc.reason
+        raise _ApiFailure(f"{detail} (HTTP {exc.code})") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _ApiFailure(
+            f"cannot reach the ops API at {url}: {reason} (is `geodns serve` running? "
+            "use --api URL)"
+        ) from None
+
+
+def _when(text: str | None) -> str:
+    return "-" if not text else text.replace("T", " ").split(".")[0] + "Z"
+
+
+def _override_text(ov: Any) -> str:
+    if not ov:
+        return "-"
+    text = f"{ov['state']} by {ov['who']}: {ov['reason']}"
+    if ov.get("expires_in_s") is not None:
+        text += f" (until {_when(ov['expires_at'])}, in {_human_s(ov['expires_in_s'])})"
+    return text
+
+
+def _human_s(seconds: float) -> str:
+    """3600 -> '1h', 5400 -> '1h30m', 90061 -> '1d1h' (two units at most)."""
+    left = max(0, round(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts[:2])
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    """Print every site's state as a table (following the API's pages)."""
+    from urllib.parse import quote
+
+    rows = [("SITE", "STATE", "OBSERVED", "SINCE", "LAST CHECK", "OVERRIDE")]
+    cursor: str | None = None
+    while True:
+        query = "?limit=1000" + (f"&cursor={quote(cursor)}" if cursor else "")
+        page = _api_call(args, "GET", "/v1/sites" + query)
+        for s in page["items"]:
+            last = "-"
+            checks = [t["last_check"] for t in s["targets"] if t.get("last_check")]
+            if checks:
+                failed = [c for c in checks if not c["ok"]]
+                last = "failed: " + (failed[0]["error"] or "?") if failed else "ok"
+            state = s["effective"] + (" (stale)" if s["stale"] else "")
+            rows.append(
+                (
+                    s["name"],
+                    state,
+                    s["observed"],
+                    _when(s["since"]),
+                    last,
+                    _override_text(s["override"]),
+                )
+            )
+        cursor = page.get("next")
+        if not cursor:
+            break
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Force a site DOWN: answers move to other sites at once (audited)."""
+    from urllib.parse import quote
+
+    body: dict[str, object] = {"state": "down", "reason": args.reason}
+    if args.duration:
+        try:
+            body["expires_in_s"] = parse_duration(args.duration)
+        except ValueError as exc:
+            raise _ApiFailure(f"--for: {exc}") from None
+    site = _api_call(args, "PUT", f"/v1/sites/{quote(args.site, safe='')}/override", body)
+    print(f"{site['name']}: {site['effective']} - {_override_text(site['override'])}")
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    """Clear a site's override: it follows its health checks again (audited)."""
+    from urllib.parse import quote
+
+    body = {"reason": args.reason} if args.reason else None
+    out = _api_call(args, "DELETE", f"/v1/sites/{quote(args.site, safe='')}/override", body)
+    site = out["site"]
+    what = "override cleared" if out["cleared"] else "had no override"
+    print(f"{site['name']}: {what}; now {site['effective']} (observed {site['observed']})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why a client gets its answer: from the running server, or --offline from files."""
+    from .explain import ExplainError, explain, format_explain
+
+    if args.offline:
+        from . import pick
+        from .app import App
+
+        config = _load(args)
+        app = App(config, listen=[])  # constructed, not started: the server's own objects
+        app.reloader.initial_load()
+        try:
+            result = explain(
+                app.holder.view,
+                app.locator,
+                pick.decide,
+                args.ip,
+                args.name,
+                args.type,
+                args.ecs,
+            )
+        except ExplainError as exc:
+            print(f"geodns: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if app.locator is not None:
+                app.locator.close()
+        print(format_explain(result))
+        print("  (offline: from the files; health unknown, every site counted up)")
+        return 0
+    from urllib.parse import urlencode
+
+    params = {"ip": args.ip, "name": args.name, "type": args.type}
+    if args.ecs:
+        params["ecs"] = args.ecs
+    print(format_explain(_api_call(args, "GET", "/v1/explain?" + urlencode(params))))
+    return 0
+
+
+def _api_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", help="ops API URL (default: from [api] listen in the config)")
+    p.add_argument(
+        "--token", help="bearer token (default: $GEODNS_TOKEN, else the server's token_file)"
+    )
+    p.add_argument("--cacert", help="CA certificate (PEM) to verify the API's TLS certificate")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+
+def _add_ops_commands(sub: Any) -> None:
+    explain = sub.add_parser("explain", help="why a client gets the answer it gets")
+    explain.add_argument("ip", help="the client (or resolver) address")
+    explain.add_argument("name", help="the name asked, e.g. www.example.com")
+    explain.add_argument("--type", default="A", help="record type (default A)")
+    explain.add_argument("--ecs", help="client subnet sent by the resolver, e.g. 81.2.69.0/24")
+    explain.add_argument(
+        "--offline", action="store_true", help="decide from the files, not the running server"
+    )
+    _api_options(explain)
+    explain.set_defaults(func=cmd_explain)
+    sites = sub.add_parser("sites", help="every site's health and override")
+    _api_options(sites)
+    sites.set_defaults(func=cmd_sites)
+    drain = sub.add_parser("drain", help="take a site out of DNS answers now (override DOWN)")
+    drain.add_argument("site")
+    drain.add_argument("--reason", required=True, help="why (written to the audit log)")
+    drain.add_argument(
+        "--for", dest="duration", help="end by itself after e.g. 30m, 1h, 2d (default: never)"
+    )
+    _api_options(drain)
+    drain.set_defaults(func=cmd_drain)
+    undrain = sub.add_parser("undrain", help="clear a site's override (obey checks again)")
+    undrain.add_argument("site")
+    undrain.add_argument("--reason", help="why (written to the audit log)")
+    _api_options(undrain)
+    undrain.set_defaults(func=cmd_undrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geodns", description=__doc__)
     parser.add_argument("--config", help="config file (default: $GEODNS_CONFIG or ./geodns.toml)")
@@ -147,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="http(s):// or file:// URL or a local path; .mmdb, .mmdb.gz or .tar.gz"
     )
     geoip_update.set_defaults(func=cmd_geoip_update)
+    _add_ops_commands(sub)
     return parser
 
 
@@ -155,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except _ApiFailure as exc:
+        print(f"geodns: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
