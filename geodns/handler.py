@@ -158,7 +158,9 @@ class Handler:
         except BadQuery as bad:
             self.stats.formerr += bad.rcode == FORMERR
             self.stats.count(0, bad.rcode, transport)
-            opt = encode_opt(self.settings.max_udp_payload, 0, False, []) if bad.edns else None
+            # RFC 6891 §7: an OPT (with DO copied) when the request had one
+            edns = bad.edns
+            opt = encode_opt(self.settings.max_udp_payload, 0, edns.do, []) if edns else None
             return error_reply(bad, opt)
         if q is None:
             self.stats.dropped += 1

@@ -193,6 +193,10 @@ def _parse_opt(data: bytes, pos: int, rdlen: int, cls: int, ttl: int) -> Edns:
     del ext_rcode  # in queries it is meaningless
     # RFC 6891 §6.2.3: values below 512 MUST be treated as equal to 512.
     edns = Edns(payload=max(cls, 512), version=version, do=bool(flags & 0x8000))
+    if version != 0:
+        # RFC 6891 §6.1.3: a version we do not implement gets BADVERS; the options of
+        # that version are not ours to interpret (BIND and Knot check it first, too).
+        return edns
     end = pos + rdlen
     seen_ecs = False
     while pos < end:
@@ -236,6 +240,7 @@ def decode_query(data: bytes) -> Query | None:
     qtype = qclass = 0
     offsets: tuple[int, ...] = ()
     edns: Edns | None = None
+    opt_seen: Edns | None = None  # the one OPT's fixed fields, for a FORMERR's OPT
     try:
         if qd > 1:
             # RFC 9619 §4: a QDCOUNT > 1 is a FORMERR
@@ -269,10 +274,13 @@ def decode_query(data: bytes) -> Query | None:
             if rtype == OPT:
                 if edns is not None:
                     # RFC 6891 §6.1.1: more than one OPT RR MUST get FORMERR
-                    edns = None
+                    edns = opt_seen = None
                     raise FormError("more than one OPT record")
                 if data[name_start] != 0:
                     raise FormError("OPT owner name is not the root (RFC 6891 §6.1.2)")
+                # RFC 6891 §7: a request with an OPT RR gets one in its response, also
+                # in a FORMERR about the content of its options or what follows it.
+                opt_seen = Edns(max(cls, 512), (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
                 edns = _parse_opt(data, pos, rdlen, cls, ttl)
             elif rtype == TSIG:
                 if i != ar - 1:
@@ -282,13 +290,14 @@ def decode_query(data: bytes) -> Query | None:
         if pos != len(data):
             raise FormError("trailing data after the last record")
     except FormError as exc:
-        raise BadQuery(str(exc), id_, flags, FORMERR, question if pos > 12 else b"") from None
+        q = question if pos > 12 else b""
+        raise BadQuery(str(exc), id_, flags, FORMERR, q, opt_seen) from None
     if tsig:
         # We hold no TSIG keys: RFC 8945 §5.2.1 unknown key -> NOTAUTH.
         raise BadQuery("TSIG not supported", id_, flags, NOTAUTH, question, edns)
     # RFC 7873 §5.4: QDCOUNT 0 with a COOKIE is a cookie exchange; else FORMERR.
     if qd == 0 and opcode == OP_QUERY and (edns is None or edns.cookie is None):
-        raise BadQuery("no question", id_, flags, FORMERR)
+        raise BadQuery("no question", id_, flags, FORMERR, b"", edns)  # OPT: RFC 6891 §7
     return Query(id_, flags, opcode, qname, qtype, qclass, question, edns, qd, offsets)
 
 
