@@ -237,9 +237,10 @@ def check_silent(reply: bytes | None, packet: bytes) -> None:
 
 
 def expect_rcode(
-    rcode: int, echo_question: bool | None = None
+    rcode: int, echo_question: bool | None = None, opt: bool | None = None
 ) -> Callable[[bytes | None, bytes], None]:
-    """The reply has `rcode`, QR=1, the query's ID, opcode and RD; no records."""
+    """The reply has `rcode`, QR=1, the query's ID, opcode and RD; no records; and,
+    when `opt` says so, an OPT record (version 0) or none."""
 
     def check(reply: bytes | None, packet: bytes) -> None:
         assert reply is not None, "expected an answer, got silence"
@@ -260,11 +261,21 @@ def expect_rcode(
             assert name is not None
             qlen = len(name) + 4
             assert reply[12 : 12 + qlen] == packet[12 : 12 + qlen], "question not byte-exact"
+        if opt is not None:
+            assert (m.opt is not None) == opt, "OPT expected" if opt else "unexpected OPT"
+            assert m.edns == (0 if opt else -1)
 
     return check
 
 
 FORMERR = expect_rcode(dns.rcode.FORMERR)
+# no OPT in reply to a query without one (RFC 6891 §7)
+FORMERR_NO_OPT = expect_rcode(dns.rcode.FORMERR, opt=False)
+# RFC 6891 §7: "If an OPT record is present in a received request, compliant responders
+# MUST include an OPT record in their respective responses": also in a FORMERR about the
+# content of its options (RFC 7871 §7.1.1 / RFC 7873 §5.2.2 make those FORMERR)
+FORMERR_OPT = expect_rcode(dns.rcode.FORMERR, opt=True)
+BADVERS = expect_rcode(dns.rcode.BADVERS, echo_question=True, opt=True)
 
 
 def expect_cookie_only(client: bytes) -> Callable[[bytes | None, bytes], None]:
@@ -378,43 +389,57 @@ SILENT_CASES = [
 ]
 
 FORMERR_CASES = [
-    Case("qdcount-1-no-question", header(qd=1), expect_rcode(1, echo_question=False)),
-    Case("qdcount-1-truncated-qtype", header(qd=1) + wname("www.example.test") + b"\x00", FORMERR),
-    Case("ancount-5-nothing", header(qd=1, an=5) + question(), expect_rcode(1, True)),
-    Case("nscount-2-nothing", header(qd=1, ns=2) + question(), FORMERR),
-    Case("arcount-3-one-opt", header(qd=1, ar=3) + question() + opt_rr(), FORMERR),
-    Case("rdata-past-end", header(qd=1, ar=1) + question() + a_rr(b"\x00")[:-2], FORMERR),
+    Case("qdcount-1-no-question", header(qd=1), expect_rcode(1, echo_question=False, opt=False)),
+    Case(
+        "qdcount-1-truncated-qtype",
+        header(qd=1) + wname("www.example.test") + b"\x00",
+        FORMERR_NO_OPT,
+    ),
+    Case("ancount-5-nothing", header(qd=1, an=5) + question(), expect_rcode(1, True, opt=False)),
+    Case("nscount-2-nothing", header(qd=1, ns=2) + question(), FORMERR_NO_OPT),
+    Case("arcount-3-one-opt", header(qd=1, ar=3) + question() + opt_rr(), FORMERR_OPT),
+    Case("rdata-past-end", header(qd=1, ar=1) + question() + a_rr(b"\x00")[:-2], FORMERR_NO_OPT),
     Case(
         "compression-pointer-in-question",
         header(qd=1) + b"\x03www" + struct.pack("!H", 0xC000 | 12) + b"\x00\x01\x00\x01",
-        FORMERR,
+        FORMERR_NO_OPT,
     ),
-    Case("forward-pointer-in-additional", _forward_pointer(), FORMERR),
-    Case("pointer-loop-self-in-additional", _self_loop(), FORMERR),
-    Case("pointer-loop-mutual-in-additional", _mutual_loop(), FORMERR),
-    Case("truncated-pointer-in-additional", header(qd=1, ar=1) + question() + b"\xc0", FORMERR),
-    Case("question-name-256-octets", query(_name_of(256)), FORMERR),
-    Case("name-over-255-via-pointer", _long_via_pointer(), FORMERR),
-    Case("question-name-runs-past-end", header(qd=1) + b"\x3fabc", FORMERR),
-    Case("label-type-0x40-in-question", header(qd=1) + b"\x41" + b"x" * 8 + b"\0\0\1\0\1", FORMERR),
-    Case("label-type-0x80-in-question", header(qd=1) + b"\x81" + b"x" * 8 + b"\0\0\1\0\1", FORMERR),
+    Case("forward-pointer-in-additional", _forward_pointer(), FORMERR_NO_OPT),
+    Case("pointer-loop-self-in-additional", _self_loop(), FORMERR_NO_OPT),
+    Case("pointer-loop-mutual-in-additional", _mutual_loop(), FORMERR_NO_OPT),
+    Case(
+        "truncated-pointer-in-additional", header(qd=1, ar=1) + question() + b"\xc0", FORMERR_NO_OPT
+    ),
+    Case("question-name-256-octets", query(_name_of(256)), FORMERR_NO_OPT),
+    Case("name-over-255-via-pointer", _long_via_pointer(), FORMERR_NO_OPT),
+    Case("question-name-runs-past-end", header(qd=1) + b"\x3fabc", FORMERR_NO_OPT),
+    Case(
+        "label-type-0x40-in-question",
+        header(qd=1) + b"\x41" + b"x" * 8 + b"\0\0\1\0\1",
+        FORMERR_NO_OPT,
+    ),
+    Case(
+        "label-type-0x80-in-question",
+        header(qd=1) + b"\x81" + b"x" * 8 + b"\0\0\1\0\1",
+        FORMERR_NO_OPT,
+    ),
     Case(
         "label-type-0x40-in-additional",
         header(qd=1, ar=1) + question() + a_rr(b"\x41\x01x\x00"),
-        FORMERR,
+        FORMERR_NO_OPT,
     ),
     Case(
         "label-type-0x80-in-additional",
         header(qd=1, ar=1) + question() + a_rr(b"\x81\x01x\x00"),
-        FORMERR,
+        FORMERR_NO_OPT,
     ),
-    Case("qdcount-2", header(qd=2) + question() * 2, expect_rcode(1, False)),
+    Case("qdcount-2", header(qd=2) + question() * 2, expect_rcode(1, False, opt=False)),
     Case("qdcount-2-with-edns", header(qd=2, ar=1) + question() * 2 + opt_rr(), FORMERR),
-    Case("qdcount-0-no-edns", header(), expect_rcode(1, False)),
-    Case("qdcount-0-edns-without-cookie", header(ar=1) + opt_rr(), FORMERR),
-    Case("trailing-garbage-after-question", query() + b"\x00\x00junk", FORMERR),
-    Case("trailing-garbage-after-opt", query(opt=opt_rr()) + b"\x01", FORMERR),
-    Case("two-opt-records", header(qd=1, ar=2) + question() + opt_rr() + opt_rr(), FORMERR),
+    Case("qdcount-0-no-edns", header(), expect_rcode(1, False, opt=False)),
+    Case("qdcount-0-edns-without-cookie", header(ar=1) + opt_rr(), FORMERR_OPT),
+    Case("trailing-garbage-after-question", query() + b"\x00\x00junk", FORMERR_NO_OPT),
+    Case("trailing-garbage-after-opt", query(opt=opt_rr()) + b"\x01", FORMERR_OPT),
+    Case("two-opt-records", header(qd=1, ar=2) + question() + opt_rr() + opt_rr(), FORMERR_NO_OPT),
     Case("opt-owner-not-root", query(opt=opt_rr(owner=wname("example.test"))), FORMERR),
     Case("opt-option-runs-past-rdata", query(opt=opt_rr([(65001, b"abcd")])[:-1]), FORMERR),
     Case(
@@ -424,19 +449,33 @@ FORMERR_CASES = [
         + b"\x00"
         + struct.pack("!HHIH", OPT, 1232, 0, 2)
         + b"\0\x0a",
-        FORMERR,
+        FORMERR_OPT,
     ),
-    *(Case(k, query(opt=opt_rr(options)), FORMERR) for k, options in ECS_BAD.items()),
+    *(Case(k, query(opt=opt_rr(options)), FORMERR_OPT) for k, options in ECS_BAD.items()),
     *(
-        Case(f"cookie-length-{n}", query(opt=opt_rr([(COOKIE, bytes(range(1, n + 1)))])), FORMERR)
+        Case(
+            f"cookie-length-{n}",
+            query(opt=opt_rr([(COOKIE, bytes(range(1, n + 1)))])),
+            FORMERR_OPT,
+        )
         for n in COOKIE_BAD_LENGTHS
     ),
     Case(
         "cookie-twice",
         query(opt=opt_rr([(COOKIE, b"c" * 8), (COOKIE, b"c" * 8)])),
-        FORMERR,
+        FORMERR_OPT,
+    ),
+    # RFC 6891 §6.1.3: an unknown version gets BADVERS; its options are not interpreted
+    *(
+        Case(f"badvers-with-{k}", query(opt=opt_rr(options, version=1)), BADVERS)
+        for k, options in {
+            "malformed-ecs": [ecs(3, 24, b"\xc0\x00\x02")],
+            "malformed-cookie": [(COOKIE, b"1234567")],
+            "two-ecs": [_ECS_V4_24, _ECS_V4_24],
+        }.items()
     ),
 ]
+
 
 GOOD_EDGE_CASES = [
     Case(
