@@ -666,6 +666,23 @@ def test_do_bit_copied(do: bool, via: str, ask: Callable[[bytes], bytes | None])
         assert bool(m.ednsflags & dns.flags.DO) == do
 
 
+@pytest.mark.parametrize("via", VIAS)
+@pytest.mark.parametrize("do", [True, False], ids=["do", "no-do"])
+def test_do_bit_copied_in_error_replies(
+    do: bool, via: str, ask: Callable[[bytes], bytes | None]
+) -> None:
+    """The OPT of a FORMERR, BADVERS or NOTIMP reply copies DO too."""
+    for packet in (
+        query(opt=opt_rr([ecs(3, 24, b"\xc0\x00\x02")], do=do)),  # FORMERR
+        header(ar=1) + opt_rr(do=do),  # FORMERR: no question, no cookie
+        query(opt=opt_rr(version=1, do=do)),  # BADVERS
+        query("example.test", 6, flags=5 << 11, opt=opt_rr(do=do)),  # NOTIMP
+    ):
+        m = parse(ask(packet))
+        assert m.edns == 0
+        assert bool(m.ednsflags & dns.flags.DO) == do
+
+
 @pytest.mark.parametrize("via", ["handler", "udp"])
 @pytest.mark.parametrize("payload", [0, 1, 100, 200])
 def test_small_payload_treated_as_512(
