@@ -19,7 +19,7 @@ from .handler import QTYPE_NAMES, Decide, client_address
 from .model import Decision, IPAddress, IPNetwork, Location, SiteState
 from .view import GeoState, View
 from .wire import ClientSubnet
-from .zones import AAAA, A, name_to_wire, wire_to_text
+from .zones import AAAA, CNAME, A, Zone, is_subdomain, name_to_wire, wire_to_text
 
 __all__ = ["ExplainError", "explain", "parse_qtype"]
 
@@ -86,6 +86,7 @@ def explain(
     is_special: Callable[[IPAddress], bool] | None = None,
     special_block: Callable[[IPAddress], IPNetwork | None] | None = None,
     all_down: str = "open",
+    max_chain: int = 8,
 ) -> dict[str, Any]:
     """The decision the server makes for `name`/`qtype` asked by `client_ip` (+ ECS).
 
@@ -127,6 +128,7 @@ def explain(
         "client_address": str(client),
         "located_by": located_by,
         "zone": None,
+        "cname_chain": [],
         "geo_name": None,
         "located_as": None,
         "candidates": [],
@@ -149,7 +151,9 @@ def explain(
         out["outcome"] = "SERVFAIL: the zone is configured but not loaded"
         return out
     out["zone"] = zone.origin_text
-    geo_name = zone.geo.get(qname) if zone.geo else None
+    owner, chain = _follow_cnames(zone, qname, code, max_chain)
+    out["cname_chain"] = [wire_to_text(n) for n in chain]
+    geo_name = zone.geo.get(owner) if zone.geo else None
     if geo_name is None or code not in geo_name.types:
         what = "not a geo-steered name" if geo_name is None else "type not steered"
         out["outcome"] = f"static: {what}; the zone file answers (ECS scope /0)"
@@ -192,7 +196,7 @@ def explain(
     elif decision.sites:
         out["outcome"] = "NODATA: every address of the chosen sites is checked down"
     elif decision.use_zone_record:
-        out["outcome"] = "zone record: " + _zone_record(zone.nodes.get(qname, {}), code)
+        out["outcome"] = "zone record: " + _zone_record(zone.nodes.get(owner, {}), code)
     else:
         out["outcome"] = "NODATA"
     if subnet is not None:
@@ -202,6 +206,29 @@ def explain(
         scope = decision.scope if scope_override is None else scope_override
         out["ecs_scope"] = 0 if subnet.source == 0 else scope
     return out
+
+
+def _follow_cnames(
+    zone: Zone, qname: bytes, code: int, max_chain: int
+) -> tuple[bytes, list[bytes]]:
+    """The owner the question ends at after in-zone CNAMEs, as resolve() chases them
+    (RFC 1034 §4.3.2 step 3a), and the targets passed on the way."""
+    name, chain, seen = qname, [], {qname}
+    for _ in range(max_chain):
+        geo_name = zone.geo.get(name) if zone.geo else None
+        node = zone.nodes.get(name)
+        if (geo_name is not None and code in geo_name.types) or node is None:
+            break
+        cname = node.get(CNAME)
+        if code in node or cname is None or not cname.targets:
+            break
+        target = cname.targets[0]
+        if target in seen or not is_subdomain(target, zone.origin):
+            break  # a loop, or out of the zone: the CNAME itself is the answer
+        chain.append(target)
+        seen.add(target)
+        name = target
+    return name, chain
 
 
 def _label_offsets(wire: bytes) -> tuple[int, ...]:
@@ -315,6 +342,8 @@ def format_explain(result: Mapping[str, Any]) -> str:
     elif result.get("geo_name"):
         row("located as", "not in the GeoIP database")
     row("zone", result.get("zone") or "-")
+    if result.get("cname_chain"):
+        row("CNAME to", " -> ".join(result["cname_chain"]))
     g = result.get("geo_name")
     if g:
         row(

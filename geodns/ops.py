@@ -808,6 +808,7 @@ class Api:
                 params.get("type", "A"),
                 params.get("ecs") or None,
                 all_down=app.handler.settings.all_down,
+                max_chain=app.config.server.max_cname_chain,
             )
         except ExplainError as exc:
             raise ApiError(400, str(exc), field=exc.field) from None
@@ -1075,6 +1076,7 @@ _SCHEMAS: dict[str, Any] = {
             "client_address": _STR,
             "located_by": _STR,
             "zone": _STR_OR_NULL,
+            "cname_chain": _STRS,
             "geo_name": {"type": ["object", "null"]},
             "located_as": _nullable(
                 _obj(

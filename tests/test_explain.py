@@ -108,6 +108,15 @@ def test_steered_answers(
     assert r["trace"][0].startswith("located:")
 
 
+def test_cname_to_a_geo_name_is_followed(world: tuple[Config, Catalog, geo.Locator]) -> None:
+    # zones/example.com.zone: api CNAME www, and www is steered
+    r = explain(view_of(world), world[2], pick.decide, "212.58.224.1", "api.example.com")
+    assert r["cname_chain"] == ["www.example.com."]
+    assert r["geo_name"]["owner"] == "www.example.com."
+    assert r["outcome"] == "steered: uk"
+    assert "CNAME to:" in format_explain(r)
+
+
 def test_located_as_names_country_continent_point_and_network(
     world: tuple[Config, Catalog, geo.Locator],
 ) -> None:

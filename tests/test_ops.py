@@ -274,14 +274,16 @@ def test_site_detail_shows_checks_and_transitions(tmp_path: Path) -> None:
 
             def went_down() -> Any:
                 d = s.get("/v1/sites/uk").json
-                return d if d["observed"] == "down" and d["transitions"] else None
+                # transitions are written to the store in the background, in order
+                newest = d["transitions"][0]["new"] if d["transitions"] else None
+                return d if d["observed"] == "down" and newest == "down" else None
 
             d = wait_for(went_down)
             assert d, "the site never went down"
             assert d["effective"] == "down"
             assert d["targets"][0]["last_check"]["ok"] is False
             assert d["targets"][0]["last_check"]["error"]
-            assert d["transitions"][0]["new"] == "down"
+            assert [t["new"] for t in d["transitions"]] == ["down", "up"]
     finally:
         listener.close()
 
