@@ -9,10 +9,13 @@ import logging
 import os
 import pwd
 import signal
+import sys
 import time
 from dataclasses import replace
+from typing import Any
 
 from . import geo, ops, pick
+from .cache import PacketCache
 from .config import Config, load_config, parse_listen
 from .cookies import CookieJar
 from .errors import ConfigError, StoreError
@@ -23,6 +26,7 @@ from .reload import ZoneReloader, ZoneStatus
 from .server import DnsServer, TcpLimits, bind_sockets
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
+from .workers import WorkerPool, worker_stats_loop, worker_stdin_loop
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +37,20 @@ class App:
     api: ops.ApiServer | None = None  # the ops HTTP API; None when [api] listen = ""
 
     def __init__(
-        self, config: Config, listen: list[str] | None = None, run_checker: bool = True
+        self,
+        config: Config,
+        listen: list[str] | None = None,
+        run_checker: bool = True,
+        packet_cache: bool | None = None,
+        workers: int | None = None,
+        worker_mode: bool = False,
     ) -> None:
         self.config = config
-        self.listen = listen or list(config.server.listen)
+        self.listen = list(config.server.listen) if listen is None else listen
+        # --workers N: this process checks and serves the API; N children serve DNS
+        self.workers = config.server.workers if workers is None else workers
+        self.worker_mode = worker_mode
+        self.pool: WorkerPool | None = None
         self.catalog = Catalog()
         self.zone_status: dict[str, ZoneStatus] = {}
         self.stats = Stats()
@@ -45,6 +59,10 @@ class App:
         self.locator: geo.Locator | None = None
         self.geoip_error: str | None = None
         self.handler = self._make_handler()
+        use_cache = config.server.packet_cache if packet_cache is None else packet_cache
+        self.cache = (
+            PacketCache(self.handler, config.server.packet_cache_size) if use_cache else None
+        )
         self.dns: DnsServer | None = None
         self.started_at = time.time()
         self.stopping = asyncio.Event()
@@ -113,10 +131,16 @@ class App:
             srv.tcp_max_connections_per_client,
             srv.tcp_max_queries_per_connection,
         )
+        if self.worker_mode:
+            api_plan = None  # the main process serves the API
         sockets = []
+        worker_listen: list[str] = []
         for addr in self.listen:
             host, port = parse_listen(addr)
-            sockets.append(bind_sockets(host, port))
+            if self.workers > 1 and not self.worker_mode:
+                worker_listen.append(_concrete_port(host, port))
+                continue  # the workers bind; this process serves no DNS
+            sockets.append(bind_sockets(host, port, reuse_port=self.worker_mode))
         if api_plan is not None:
             self.api = ops.ApiServer(self, api_plan, api_tokens)
             try:
@@ -127,6 +151,9 @@ class App:
                         sock.close()
                 raise
         _drop_privileges(srv.user)
+        if self.worker_mode:
+            await self._start_worker(sockets, limits)
+            return
         self.store = self._open_store()
         self.health = HealthManager(
             self.holder,
@@ -144,16 +171,37 @@ class App:
         )
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
-        self.dns = DnsServer(self.handler.handle, limits)
+        self.dns = DnsServer(self.cache.handle if self.cache else self.handler.handle, limits)
         await self.dns.start(sockets)
         report = await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
+        if worker_listen:
+            extra = [] if self.cache else ["--no-packet-cache"]
+            self.pool = WorkerPool(
+                self.config.path, worker_listen, self.workers, self.holder, self.stats, extra
+            )
+            await self.pool.start()
+            self.worker_addresses = [parse_listen(a) for a in worker_listen]
         if self.config.geoip.reload_interval_s > 0:
             self._geoip_task = asyncio.create_task(
                 self._reload_geoip_every(self.config.geoip.reload_interval_s)
             )
         self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
+
+    async def _start_worker(self, sockets: list[tuple[Any, Any]], limits: TcpLimits) -> None:
+        """`serve-worker`: DNS only; health from the main process over stdin."""
+        self._worker_tasks = [
+            asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
+            asyncio.create_task(worker_stats_loop(self.stats)),
+        ]
+        self.dns = DnsServer(self.cache.handle if self.cache else self.handler.handle, limits)
+        await self.dns.start(sockets)
+        await asyncio.to_thread(self.reloader.initial_load)
+        await self.reloader.start()
+        self.ready = True
+        sys.stdout.buffer.write(b'{"ready": true}\n')
+        sys.stdout.buffer.flush()
 
     def _open_store(self) -> Store | None:
         cfg = self.config
@@ -176,6 +224,8 @@ class App:
 
     @property
     def dns_addresses(self) -> list[tuple[str, int]]:
+        if self.pool is not None:
+            return list(self.worker_addresses)
         return self.dns.addresses if self.dns else []
 
     @property
@@ -239,6 +289,10 @@ class App:
             await asyncio.to_thread(self.reload_geoip)  # opening a file: off the loop
 
     async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.stop()
+        for task in getattr(self, "_worker_tasks", []):
+            task.cancel()
         if self.api is not None:
             await self.api.stop()
         if self._geoip_task is not None:
@@ -295,6 +349,16 @@ async def run_checker_forever(config: Config) -> None:
     await stopping.wait()
     await health.stop()
     store.close()
+
+
+def _concrete_port(host: str, port: int) -> str:
+    """Workers must share one port: with port 0, pick one now (SO_REUSEPORT probe)."""
+    if port == 0:
+        udp, tcp = bind_sockets(host, 0, reuse_port=True)
+        port = udp.getsockname()[1]
+        udp.close()
+        tcp.close()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _drop_privileges(user: str) -> None:

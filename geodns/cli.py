@@ -42,7 +42,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, zones=replace(config.zones, directory=zones_dir))
     loop_name = install_loop_policy()
     log.info("geodns starting (event loop: %s)", loop_name)
-    app = App(config, listen=args.listen or None, run_checker=not args.no_checker)
+    app = App(
+        config,
+        listen=args.listen or None,
+        run_checker=not args.no_checker,
+        packet_cache=False if args.no_packet_cache else None,
+        workers=args.workers,
+        worker_mode=args.command == "serve-worker",
+    )
     try:
         asyncio.run(app.run_forever())
     except OSError as exc:
@@ -388,7 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not probe: follow the verdicts a `geodns checker` writes to the store",
     )
+    serve.add_argument(
+        "--no-packet-cache", action="store_true", help="answer every query on the full path"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="DNS worker processes on the same addresses (SO_REUSEPORT); default [server]",
+    )
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("serve-worker", help=argparse.SUPPRESS)
+    worker.add_argument("--listen", action="append")
+    worker.add_argument("--no-packet-cache", action="store_true")
+    worker.add_argument("--log-level")
+    worker.set_defaults(func=cmd_serve, zones=None, no_checker=True, workers=1)
     checker = sub.add_parser("checker", help="run only the health checker (writes the store)")
     checker.add_argument("--log-level", help="debug | info | warning | error")
     checker.set_defaults(func=cmd_checker)

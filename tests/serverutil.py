@@ -77,7 +77,10 @@ class Running:
 
 @contextmanager
 def run_server(
-    config: Config, listen: list[str] | None = None, run_checker: bool = True
+    config: Config,
+    listen: list[str] | None = None,
+    run_checker: bool = True,
+    workers: int | None = None,
 ) -> Iterator[Running]:
     """Serve `config` on 127.0.0.1 (port 0) in a background thread until the block ends."""
     loop = asyncio.new_event_loop()
@@ -86,7 +89,9 @@ def run_server(
     error: list[BaseException] = []
 
     async def main() -> None:
-        app = App(config, listen=listen or ["127.0.0.1:0"], run_checker=run_checker)
+        app = App(
+            config, listen=listen or ["127.0.0.1:0"], run_checker=run_checker, workers=workers
+        )
         app_box.append(app)
         try:
             await app.start()

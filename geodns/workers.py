@@ -1,0 +1,235 @@
+"""--workers N: several DNS processes on the same addresses (SO_REUSEPORT), one checker.
+
+The main process runs the health checker, the store and the ops API, and loads the
+zones (for /v1/zones and explain); it serves no DNS itself. Each worker is
+`geodns serve-worker`: it loads and watches the same zone files itself and answers DNS
+on its own SO_REUSEPORT sockets; the kernel spreads queries over the workers. Health
+comes from the main process only: every published GeoState is written to each worker's
+stdin as one JSON line (states and pool versions), so all workers answer from identical
+views and nothing is checked twice. Workers write their query counters to stdout once
+a second; the main process sums them for /metrics. A worker that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .handler import Stats
+from .model import Health, Override, SiteState
+from .view import GeoState, ViewHolder
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 1.0
+
+
+def encode_states(geo: GeoState) -> bytes:
+    """One JSON line describing the effective health a worker must serve."""
+    states = {
+        name: {
+            "observed": st.observed.value,
+            "override": st.override.value,
+            "address_down": sorted(st.address_down),
+            "stale": st.stale,
+        }
+        for name, st in geo.states.items()
+    }
+    msg = {"version": geo.version, "pool_versions": dict(geo.pool_versions), "states": states}
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def apply_states(holder: ViewHolder, line: bytes) -> None:
+    """Worker side: publish the main process's health as this worker's GeoState."""
+    msg = json.loads(line)
+    states = {
+        name: SiteState(
+            observed=Health(s["observed"]),
+            override=Override(s["override"]),
+            address_down=frozenset(s["address_down"]),
+            stale=bool(s["stale"]),
+        )
+        for name, s in msg["states"].items()
+    }
+    geo = holder.view.geo
+    holder.publish_geo(
+        GeoState(geo.sites, geo.pools, states, int(msg["version"]), msg["pool_versions"])
+    )
+
+
+def encode_stats(stats: Stats) -> bytes:
+    msg = {
+        "queries": [[*k, v] for k, v in stats.queries.items()],
+        "answers_by_site": stats.answers_by_site,
+        "ecs_queries": stats.ecs_queries,
+        "truncated": stats.truncated,
+        "formerr": stats.formerr,
+        "dropped": stats.dropped,
+    }
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
+    """Replace `into`'s counters with the sum of the workers' reports."""
+    queries: dict[tuple[str, int, str], int] = {}
+    by_site: dict[str, int] = {}
+    totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0}
+    for p in parts:
+        for qtype, rcode, transport, n in p["queries"]:
+            key = (qtype, int(rcode), transport)
+            queries[key] = queries.get(key, 0) + int(n)
+        for site, n in p["answers_by_site"].items():
+            by_site[site] = by_site.get(site, 0) + int(n)
+        for k in totals:
+            totals[k] += int(p[k])
+    into.queries = queries
+    into.answers_by_site = by_site
+    for k, v in totals.items():
+        setattr(into, k, v)
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+    restarts: int = 0
+
+
+class WorkerPool:
+    """Starts, feeds and supervises the DNS worker processes."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        listen: list[str],
+        count: int,
+        holder: ViewHolder,
+        stats: Stats,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.listen = listen
+        self.count = count
+        self.holder = holder
+        self.stats = stats
+        self.extra_args = extra_args or []
+        self.workers = [_Worker(i) for i in range(count)]
+        self.ready = asyncio.Event()
+        self._ready_count = 0
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+        self._last_geo: GeoState | None = None
+        self.on_ready: Callable[[], None] | None = None
+
+    def _cmd(self) -> list[str]:
+        cmd = [sys.executable, "-m", "geodns", "--config", str(self.config_path), "serve-worker"]
+        for addr in self.listen:
+            cmd += ["--listen", addr]
+        return cmd + self.extra_args
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until each one serves."""
+        for w in self.workers:
+            await self._spawn(w)
+        await asyncio.wait_for(self.ready.wait(), 120)
+        self._watch = asyncio.create_task(self._follow_health())
+
+    async def _spawn(self, w: _Worker) -> None:
+        w.proc = await asyncio.create_subprocess_exec(
+            *self._cmd(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        w.reader = asyncio.create_task(self._read(w))
+        self._send(w, encode_states(self.holder.view.geo))
+        log.info("worker %d started (pid %d)", w.index, w.proc.pid)
+
+    def _send(self, w: _Worker, line: bytes) -> None:
+        if w.proc is not None and w.proc.stdin is not None and w.proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                w.proc.stdin.write(line)
+
+    async def _read(self, w: _Worker) -> None:
+        assert w.proc is not None and w.proc.stdout is not None
+        counted = False
+        while True:
+            line = await w.proc.stdout.readline()
+            if not line:
+                break
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("ready") and not counted:
+                counted = True
+                self._ready_count += 1
+                if self._ready_count >= self.count:
+                    self.ready.set()
+                continue
+            w.last_stats = msg
+            sum_stats([x.last_stats for x in self.workers if x.last_stats], self.stats)
+        await w.proc.wait()
+        if not self._stopping:
+            w.restarts += 1
+            log.error("worker %d exited with %s; restarting", w.index, w.proc.returncode)
+            await asyncio.sleep(min(5.0, 0.2 * w.restarts))
+            await self._spawn(w)
+
+    async def _follow_health(self) -> None:
+        """Push every newly published GeoState to all workers."""
+        while True:
+            geo = self.holder.view.geo
+            if geo is not self._last_geo:
+                self._last_geo = geo
+                line = encode_states(geo)
+                for w in self.workers:
+                    self._send(w, line)
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.terminate()
+        for w in self.workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 6)
+                except TimeoutError:
+                    w.proc.kill()
+            if w.reader is not None:
+                w.reader.cancel()
+
+
+async def worker_stdin_loop(holder: ViewHolder, on_eof: Callable[[], None]) -> None:
+    """Worker side: read health lines from the main process until it goes away."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            on_eof()  # the main process is gone: stop serving
+            return
+        try:
+            apply_states(holder, line)
+        except (ValueError, KeyError) as exc:
+            log.error("worker: bad health message from the main process: %s", exc)
+
+
+async def worker_stats_loop(stats: Stats) -> None:
+    """Worker side: report counters to the main process once a second."""
+    out = sys.stdout.buffer
+    while True:
+        out.write(encode_stats(stats))
+        out.flush()
+        await asyncio.sleep(STATS_INTERVAL_S)

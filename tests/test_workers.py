@@ -1,0 +1,69 @@
+"""--workers N: SO_REUSEPORT worker processes with one checker and identical views."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dns.edns
+import dns.message
+import dns.query
+
+from geodns.config import load_config
+from geodns.model import Override
+from tests.serverutil import REPO, run_server, write_config
+
+ZONE = (REPO / "zones" / "example.com.zone").read_text()
+GEO = (REPO / "zones" / "example.com.geo.toml").read_text()
+SITES = """
+[sites.uk]
+ipv4 = ["198.51.100.10"]
+city = "London"
+country = "GB"
+[sites.fra]
+ipv4 = ["198.51.100.20"]
+city = "Frankfurt am Main"
+country = "DE"
+[pools.web]
+members = ["uk", "fra"]
+"""
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def gb(host: str, port: int) -> set[str]:
+    q = dns.message.make_query(
+        "www.example.com", "A", use_edns=0, options=[dns.edns.ECSOption("212.58.224.0", 24)]
+    )
+    r = dns.query.udp(q, host, port=port, timeout=3)
+    return {rd.address for rr in r.answer for rd in rr}
+
+
+def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "example.com.zone").write_text(ZONE)
+    (zones / "example.com.geo.toml").write_text(GEO)
+    cfg = load_config(write_config(tmp_path, SITES))
+    with run_server(cfg, workers=2) as s:
+        assert s.app.pool is not None and len(s.app.pool.workers) == 2
+        assert s.app.dns is None or not s.app.dns.addresses  # the main process serves no DNS
+        answers = [gb(s.host, s.port) for _ in range(200)]  # new source port per query
+        assert all(a == {"198.51.100.10"} for a in answers)
+        # one checker: the main process; a drain reaches every worker
+        s.call(s.app.health.set_override("uk", Override.DOWN, "maintenance", "test", None))
+        wait_for(lambda: all(gb(s.host, s.port) == {"198.51.100.20"} for _ in range(50)))
+        # the workers' counters are summed in the main process
+        wait_for(lambda: sum(s.app.stats.queries.values()) >= 250)
+        per_worker = [
+            sum(c for *_, c in w.last_stats.get("queries", [])) for w in s.app.pool.workers
+        ]
+        assert all(n > 0 for n in per_worker), per_worker
