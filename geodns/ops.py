@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from .config import Config, parse_listen
 from .errors import ConfigError, StoreError
 from .explain import ExplainError, explain
 from .model import Health, Override, SiteState
-from .zones import wire_to_text
+from .zones import name_to_wire, wire_to_text
 
 if TYPE_CHECKING:
     from .app import App
@@ -94,8 +95,6 @@ def problem(
     extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
     """An RFC 9457 problem response (type about:blank: the title is the HTTP phrase)."""
-    from http import HTTPStatus
-
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
@@ -750,8 +749,6 @@ class Api:
     async def list_zones(self, request: web.Request) -> web.Response:
         params = _query(request, ("limit", "cursor"))
         app = self.app
-        from .zones import name_to_wire
-
         rows: list[tuple[str, Any]] = []
         for origin, st in sorted(app.zone_status.items()):
             key = name_to_wire(origin).lower()
