@@ -70,13 +70,15 @@ def cmd_checker(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and zone files exactly as the server loads them."""
-    from .zones import ZONE_SUFFIX, parse_zone, zone_files
+    from .checkcmd import STAMP, changed_files, check, write_stamp
+    from .zones import zone_files
 
-    problems: list[str] = []
+    config_problems: list[str] = []
+    config: Config | None
     try:
         config = _load(args)
     except ConfigError as exc:
-        problems.extend(exc.problems)
+        config_problems.extend(exc.problems)
         config = None
     paths: list[Path] = []
     if args.paths:
@@ -84,21 +86,41 @@ def cmd_check(args: argparse.Namespace) -> int:
             pp = Path(p)
             paths.extend(zone_files(pp) if pp.is_dir() else [pp])
     elif config is not None:
-        paths = zone_files(config.resolve(config.zones.directory))
-    pools = config.pools if config is not None else {}
-    for path in paths:
-        if not path.name.endswith(ZONE_SUFFIX):
-            continue
-        try:
-            parse_zone(path, pools)
-        except ZoneError as exc:
-            problems.extend(exc.problems)
-    for p in problems:
+        directory = config.resolve(config.zones.directory)
+        changed = changed_files(directory, config.resolve(STAMP)) if args.changed else None
+        paths = changed if changed is not None else zone_files(directory)
+    res = check(config, paths, config_problems)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for p in res.problems:
         print(p)
-    if problems:
-        print(f"{len(problems)} problem(s)", file=sys.stderr)
+    if res.problems:
+        print(f"{len(res.problems)} problem(s)", file=sys.stderr)
         return 1
-    print(f"ok: config and {len(paths)} zone file(s)", file=sys.stderr)
+    if config is not None:
+        write_stamp(config)
+    print(
+        f"ok: config, {res.zones} zone file(s), {res.cases} policy test case(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Which names and which countries get different answers between two trees."""
+    from .checkcmd import diff
+
+    config = _load(args)
+    try:
+        lines = diff(Path(args.old), Path(args.new), config)
+    except ZoneError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    if not lines:
+        print("no differences in answers", file=sys.stderr)
     return 0
 
 
@@ -414,7 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     checker.set_defaults(func=cmd_checker)
     check = sub.add_parser("check", help="validate config and zone files")
     check.add_argument("paths", nargs="*", help="zone files or directories")
+    check.add_argument(
+        "--changed",
+        action="store_true",
+        help="only zone files changed per git (or since the last successful check)",
+    )
     check.set_defaults(func=cmd_check)
+    diffp = sub.add_parser("diff", help="answers that differ between two zone trees")
+    diffp.add_argument("old", help="old checkout or zones directory")
+    diffp.add_argument("new", help="new checkout or zones directory")
+    diffp.set_defaults(func=cmd_diff)
     geoip = sub.add_parser("geoip", help="GeoIP database commands")
     geoip_sub = geoip.add_subparsers(dest="geoip_command", required=True)
     geoip_update = geoip_sub.add_parser(

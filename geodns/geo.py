@@ -83,6 +83,10 @@ class CountryTable:
     def __len__(self) -> int:
         return len(self._countries)
 
+    def codes(self) -> list[str]:
+        """Every country code with coordinates, sorted."""
+        return sorted(c for c, info in self._countries.items() if info.lat is not None)
+
 
 CityRow = tuple[str, str, float, float, int]  # name, country, lat, lon, population
 
