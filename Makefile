@@ -27,9 +27,11 @@ deb-tools:
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
 
+PY_DIRS := $(wildcard geodns tests bench data)
+
 lint: $(STAMP)
-	$(BIN)/ruff check geodns tests bench data
-	$(BIN)/ruff format --check geodns tests bench data
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy geodns
