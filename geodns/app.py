@@ -22,6 +22,7 @@ from .errors import ConfigError, StoreError
 from .geoip_update import GeoipWatcher
 from .handler import Handler, Settings, Stats
 from .health import HealthManager, HealthPolicy
+from .policytests import country_locations, make_validator
 from .reload import ZoneReloader, ZoneStatus
 from .server import DnsServer, TcpLimits, bind_sockets
 from .store import Store
@@ -80,6 +81,12 @@ class App:
             remove_grace_s=zc.remove_grace_s,
             poll_interval_s=zc.poll_interval_s,
             watch=zc.watch,
+            validate=make_validator(
+                lambda: self.holder.view.geo,
+                pick.decide,
+                lambda: self.handler.locate,
+                country_locations(self._countries().get),
+            ),
         )
         self.config_error: list[str] | None = None
         self._geoip_task: asyncio.Task[None] | None = None
@@ -116,6 +123,12 @@ class App:
             special_block=geo.special_block,
             stats=self.stats,
         )
+
+    def _countries(self) -> geo.CountryTable:
+        try:
+            return geo.CountryTable.load(self.config.geoip.countries)
+        except geo.GeoIPError:
+            return geo.CountryTable({})
 
     async def start(self) -> None:
         """Bind, load zones, serve. Returns once every zone has been tried."""

@@ -245,3 +245,30 @@ def country_locations(
         )
 
     return point
+
+
+def make_validator(
+    geo_state: Callable[[], GeoState],
+    decide: Decide,
+    locate: Callable[[], Callable[[IPAddress], Location] | None],
+    country_point: CountryPoint,
+) -> Callable[[Zone, Path], list[str]]:
+    """The reload hook: a zone edit whose policy tests fail is rejected (last good serves).
+
+    Cases run against the configured sites with every site healthy (plus each case's
+    own `down`/`drained`), so live health never blocks an unrelated edit.
+    """
+
+    def validate(zone: Zone, path: Path) -> list[str]:
+        tests = tests_path_for(path)
+        if not tests.exists():
+            return []
+        try:
+            cases = load_cases(tests, zone.origin_text)
+        except ZoneError as exc:
+            return exc.problems
+        g = geo_state()
+        healthy = GeoState(g.sites, g.pools, {})
+        return failures(run_cases(zone, cases, healthy, decide, locate(), country_point))
+
+    return validate

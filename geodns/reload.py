@@ -25,7 +25,15 @@ from typing import Any
 from .errors import ZoneError
 from .model import Pool
 from .view import Catalog
-from .zones import GEO_SUFFIX, ZONE_SUFFIX, name_to_wire, origin_from_path, parse_zone, zone_files
+from .zones import (
+    GEO_SUFFIX,
+    ZONE_SUFFIX,
+    Zone,
+    name_to_wire,
+    origin_from_path,
+    parse_zone,
+    zone_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ class ZoneReloader:
         remove_grace_s: float = 5.0,
         poll_interval_s: float = 2.0,
         watch: bool = True,
+        validate: Callable[[Zone, Path], list[str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
@@ -124,6 +133,8 @@ class ZoneReloader:
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set after every reload that published something
         self.mode = "none"
+        # extra checks on a parsed zone (policy tests); problems reject the edit
+        self.validate = validate
         self._poll_sigs: dict[Path, object] = {}
 
     # -- one zone --------------------------------------------------------------------
@@ -156,6 +167,7 @@ class ZoneReloader:
             old = self.catalog.zones.get(key)
             try:
                 zone = await asyncio.to_thread(parse_zone, zone_path, self.pools())
+                self._validate(zone, zone_path)
             except ZoneError as exc:
                 st.error = "\n".join(exc.problems)
                 st.error_at = time.time()
@@ -200,6 +212,13 @@ class ZoneReloader:
                 st.version,
             )
             self.changed.set()
+
+    def _validate(self, zone: Zone, path: Path) -> None:
+        """Run the extra checks (policy tests); raise ZoneError to reject the zone."""
+        if self.validate is not None:
+            problems = self.validate(zone, path)
+            if problems:
+                raise ZoneError(str(path), problems)
 
     async def _maybe_remove(
         self, zone_path: Path, origin: str, key: bytes, report: ReloadReport
@@ -249,6 +268,7 @@ class ZoneReloader:
             try:
                 st.digest = _digest(path)
                 zone = parse_zone(path, pools)
+                self._validate(zone, path)
             except (ZoneError, OSError) as exc:
                 problems = exc.problems if isinstance(exc, ZoneError) else [f"{path}: {exc}"]
                 st.error, st.error_at = "\n".join(problems), time.time()

@@ -100,3 +100,62 @@ def test_ip_cases_do_not_block_when_asked(world, tmp_path: Path) -> None:  # typ
     )
     assert failures(results, ip_cases_block=True)
     assert failures(results, ip_cases_block=False) == []
+
+
+def test_server_refuses_an_edit_whose_policy_tests_fail(tmp_path: Path) -> None:
+    import time
+
+    import dns.edns
+    import dns.message
+    import dns.query
+
+    from tests.serverutil import make_zone_dir, run_server, write_config
+
+    zone = (REPO / "zones" / "example.com.zone").read_text()
+    make_zone_dir(
+        tmp_path,
+        {
+            "example.com.zone": zone,
+            "example.com.geo.toml": '[names.www]\npool = "web"\n',
+            "example.com.tests.toml": '[[case]]\ncountry = "DE"\nname = "www"\n'
+            'expect_site = "fra"\n',
+        },
+    )
+    body = """
+[sites.uk]
+ipv4 = ["198.51.100.10"]
+city = "London"
+country = "GB"
+[sites.fra]
+ipv4 = ["198.51.100.20"]
+city = "Frankfurt am Main"
+country = "DE"
+[sites.iad]
+ipv4 = ["198.51.100.30"]
+lat = 39.04
+lon = -77.49
+[pools.web]
+members = ["uk", "fra", "iad"]
+[pools.us]
+members = ["iad"]
+"""
+    cfg = write_config(tmp_path, body)
+    cfg.write_text(cfg.read_text().replace("[zones]", "[zones]\ndebounce_s = 0.05"))
+
+    def de() -> set[str]:
+        q = dns.message.make_query(
+            "www.example.com", "A", use_edns=0, options=[dns.edns.ECSOption("81.169.145.0", 24)]
+        )
+        r = dns.query.udp(q, "127.0.0.1", port=s.port, timeout=3)
+        return {rd.address for rr in r.answer for rd in rr}
+
+    with run_server(load_config(cfg)) as s:
+        assert de() == {"198.51.100.20"}
+        (tmp_path / "zones" / "example.com.geo.toml").write_text('[names.www]\npool = "us"\n')
+        status = s.app.zone_status["example.com."]
+        deadline = time.monotonic() + 10
+        while status.error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert status.error is not None
+        assert "case[0]: www.example.com. A: expected fra, got iad" in status.error
+        assert de() == {"198.51.100.20"}  # the last good version keeps serving
