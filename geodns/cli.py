@@ -405,7 +405,16 @@ def _add_ops_commands(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geodns", description=__doc__)
     parser.add_argument("--config", help="config file (default: $GEODNS_CONFIG or ./geodns.toml)")
+    # --config is accepted before or after the subcommand (`geodns serve --config X`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common, *kw.pop("parents", [])], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     serve = sub.add_parser("serve", help="serve DNS (and the ops API)")
     serve.add_argument(
         "--listen", action="append", help="ADDR:PORT or [V6]:PORT; repeat for several"
