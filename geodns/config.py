@@ -95,6 +95,12 @@ class StoreConfig:
         "sqlite:///data/geodns.sqlite3",
     )
     journal_dir: str = _doc("local journal for writes made while the DB is down", "state/journal")
+    notify: bool = _doc(
+        "PostgreSQL: LISTEN/NOTIFY so other nodes see quorum decisions and overrides at "
+        "once (else within one check interval, at most 5 s, by polling); off behind a "
+        "transaction-pooling proxy that cannot LISTEN",
+        True,
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,17 @@ class ChecksConfig:
     partition_min_sites: int = _doc("partition guard applies from this many sites", 4)
     partition_share: float = _doc("share of sites flipping DOWN at once that is suspect", 0.5)
     stale_intervals: int = _doc("no verdict for this many intervals = stale", 3)
+    quorum: str = _doc(
+        "several nodes vote on each site: 'auto' (on when [store] is a database server "
+        "such as PostgreSQL, or once another checking node heartbeats into the same SQLite "
+        "file), 'on', or 'off' (each node acts on its own checks alone)",
+        "auto",
+    )
+    quorum_min_votes: int = _doc(
+        "fresh UP/DOWN votes needed to decide a site (DOWN needs a majority of them); "
+        "below it the last decision is kept and flagged stale",
+        2,
+    )
 
 
 @dataclass(frozen=True)
@@ -483,6 +500,10 @@ def load_config(path: str | Path | None = None) -> Config:
 
     geoip: GeoipConfig = sections["geoip"] or GeoipConfig()
     checks: ChecksConfig = sections["checks"] or ChecksConfig()
+    if checks.quorum not in ("auto", "on", "off"):
+        problems.append(f"{where}: checks.quorum: {checks.quorum!r} (allowed: auto, on, off)")
+    if checks.quorum_min_votes < 1:
+        problems.append(f"{where}: checks.quorum_min_votes: must be >= 1")
     base = cfg_path.parent
 
     def rel(p: str, default: Path) -> str:
