@@ -416,16 +416,40 @@ class _Steer:
             self.located = True
             self.location = h.locate(self.client) if h.locate is not None else None
         family = 4 if qtype == A else 6
-        decision = h.decide(
-            pool,
-            view.sites,
-            view.states,
-            self.client,
+        client = self.client
+        # Decisions are memoized per view, pool, location (the GeoIP network's record)
+        # and client prefix: the full address only when the pool has CIDR rules.
+        client_key: object = (
+            client
+            if pool.rules and any(r.kind == "cidr" for r in pool.rules)
+            else client.packed[: 3 if client.version == 4 else 7]
+        )
+        key = (
+            view.version,
+            id(view),
+            geo.pool,
             self.location,
+            client_key,
             family,
             geo.count,
             h.settings.all_down,
+            h.decide,
         )
+        decision = _DECISIONS.get(key)
+        if decision is None:
+            decision = h.decide(
+                pool,
+                view.sites,
+                view.states,
+                client,
+                self.location,
+                family,
+                geo.count,
+                h.settings.all_down,
+            )
+            if len(_DECISIONS) >= _MEMO_MAX:
+                _DECISIONS.clear()
+            _DECISIONS[key] = decision
         if not decision.sites:
             if self.scope_override is not None and not any(
                 view.sites[n].addresses(family) for n in pool.members if n in view.sites
@@ -440,7 +464,10 @@ class _Steer:
             state = view.states.get(name, _UP)
             for a in site.addresses(family):
                 if a not in state.address_down:
-                    addrs.append(ipaddress.ip_address(a).packed)
+                    packed = _PACKED.get(a)
+                    if packed is None:
+                        packed = _PACKED[a] = ipaddress.ip_address(a).packed
+                    addrs.append(packed)
         if not addrs:
             return decision, None
         rtype = A if family == 4 else AAAA
@@ -448,3 +475,8 @@ class _Steer:
 
 
 _UP = SiteState()
+# text address -> packed bytes (bounded by the configured addresses)
+_PACKED: dict[str, bytes] = {}
+# memoized geo decisions (see _Steer.__call__); emptied when full
+_DECISIONS: dict[tuple[object, ...], Decision] = {}
+_MEMO_MAX = 65536

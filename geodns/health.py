@@ -7,28 +7,48 @@ is the record (transitions, overrides, audit); the DNS path only ever sees the V
 
 Every time-driven change (override expiry, stale lease) is a scheduled publish: `tick()`
 runs at the next deadline; the query path never reads a clock.
+
+Several nodes sharing one store (issue 10, "shared mode"): each node's checker records
+its own verdicts (its votes); what the DNS path sees comes from the quorum of every
+node's fresh votes (`geodns.quorum`), stored in the database so all nodes serve the same
+decision, and re-read every period and at each PostgreSQL NOTIFY. A node that cannot
+reach the database keeps its last decisions, flagged stale; its own checks may bring a
+target back UP there but never take one DOWN. Overrides come from the store too, so one
+made through any node applies on all of them. Shared mode is `[checks] quorum`: "auto"
+(default) turns it on for a database server (PostgreSQL) or when another checking node
+heartbeats into the same SQLite file; a lone node on SQLite behaves exactly as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checker import Checker, CheckEvent, ProbeResult, SiteVerdict, site_health
-from .errors import StoreError
+from . import quorum
+from .checker import Checker, CheckEvent, ProbeResult, SiteVerdict, plan_targets, site_health
+from .errors import ConfigError, StoreError
 from .model import CheckSpec, Health, Override, Pool, Site, SiteState
-from .store import OverrideRow, Store
+from .store import NodeRow, OverrideRow, QuorumSnapshot, Store
 from .view import GeoState, ViewHolder, next_version
+
+if TYPE_CHECKING:
+    from .config import ChecksConfig
 
 log = logging.getLogger(__name__)
 
 TargetKey = tuple[str, str | None]
 # a check-history row per target at most this often, plus one at every change of result
 CHECK_ROW_EVERY_S = 60.0
+# shared mode: a burst of notifications is folded into one re-read of the store
+SYNC_COALESCE_S = 0.005
+# heartbeat info lists at most this many sites this node has no fresh verdict for
+MAX_STALE_SITES_REPORTED = 10000
+QUORUM_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,19 @@ class HealthPolicy:
     partition_share: float = 0.5
     stale_intervals: int = 3
     all_down: str = "open"
+    quorum: str = "auto"  # auto | on | off
+    quorum_min_votes: int = 2
+
+    @classmethod
+    def from_config(cls, checks: ChecksConfig) -> HealthPolicy:
+        """The policy of a [checks] section."""
+        return cls(
+            partition_min_sites=checks.partition_min_sites,
+            partition_share=checks.partition_share,
+            stale_intervals=checks.stale_intervals,
+            quorum=checks.quorum,
+            quorum_min_votes=checks.quorum_min_votes,
+        )
 
 
 @dataclass
@@ -61,6 +94,8 @@ class SiteInfo:
     targets: dict[str | None, TargetInfo] = field(default_factory=dict)
     override: OverrideRow | None = None
     last_verdict_at: float | None = None
+    # shared mode: the quorum's tally per target (address or None); empty otherwise
+    votes: dict[str | None, quorum.Tally] = field(default_factory=dict)
 
 
 def effective_states(
@@ -106,6 +141,7 @@ class HealthManager:
         run_checker: bool = True,
         max_concurrency: int = 256,
         follow: bool = False,
+        notify: bool = True,
     ) -> None:
         self.holder = holder
         self.sites = dict(sites)
@@ -126,12 +162,30 @@ class HealthManager:
         self._recent_down: dict[str, float] = {}  # site -> when it flipped DOWN
         self._before_down: dict[str, SiteState] = {}  # site -> state before that flip
         self._checker: Checker | None = None
-        self._writes: asyncio.Queue[Callable[[], Any]] | None = None
+        self._writes: asyncio.Queue[tuple[Callable[[], Any], bool]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.changed = asyncio.Event()  # set on every publish (tests wait on it)
         self._pools: dict[str, Pool] | None = None  # set by a config reload
         self.checks_seen = 0
+        # -- shared mode (several nodes, one store): see the module docstring
+        if self.policy.quorum not in QUORUM_MODES:
+            raise ConfigError([f"checks.quorum: {self.policy.quorum!r} (allowed: auto, on, off)"])
+        self.notify = notify
+        self.shared = False
+        self.db_ok = True  # the last re-read of the shared state reached the store
+        self.sync_error: str | None = None
+        self.syncs = 0  # completed re-reads of the shared state
+        self.last_sync_at: float | None = None  # this node's clock
+        self.decided: dict[TargetKey, Health] = {}  # the quorum's decisions
+        self.tallies: dict[TargetKey, quorum.Tally] = {}
+        self.no_quorum: set[str] = set()
+        self.snapshot: QuorumSnapshot | None = None  # the last one read
+        self.probed_at: dict[str, float] = {}  # site -> this process's newest probe result
+        self._override_gen = 0  # bumped by local override writes (see _sync_once)
+        self._wake = asyncio.Event()
+        self._listen_stop = threading.Event()
+        self._listener: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +208,9 @@ class HealthManager:
                     )
         self._writes = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop())
+        if self.store is not None and self._quorum_wanted(self.store):
+            # the quorum's decisions are in the view before the first answer
+            await self._go_shared()
         self.publish()
         if self.run_checker:
             self._checker = Checker(
@@ -175,19 +232,229 @@ class HealthManager:
         intervals = [sp.interval_s for sp in self.specs.values() if sp.kind != "none"]
         return min([*intervals, 5.0])
 
+    def _lease_s(self, site: str) -> float:
+        """How long a verdict on `site` stays fresh: stale_intervals x its interval."""
+        spec = self.specs.get(site)
+        interval = spec.interval_s if spec is not None else self._period_s()
+        return self.policy.stale_intervals * interval
+
+    def _heartbeat_info(self, now: float) -> dict[str, Any]:
+        """What a checker's heartbeat says: alive, voting or not, which verdicts are old."""
+        stale = [
+            s
+            for s in self._checked_sites()
+            if now - self.probed_at.get(s, float("-inf")) > self._lease_s(s)
+        ]
+        return {
+            "checker": True,
+            "frozen": self.frozen,
+            "checks": self.checks_seen,
+            # a node whose partition guard tripped suspects its own network: no vote
+            "votes": not self.frozen,
+            # sites without a probe result of this process within their lease: votes
+            # on them (persisted ones, after a restart) do not count yet
+            "stale_sites": sorted(stale)[:MAX_STALE_SITES_REPORTED],
+            "quorum": self.shared,
+        }
+
     async def _heartbeat_loop(self) -> None:
         """A checker says it is alive (its verdicts are fresh) once per interval."""
         assert self.store is not None
         while True:
-            info = {"checker": True, "frozen": self.frozen, "checks": self.checks_seen}
-            await asyncio.to_thread(self.store.heartbeat, info)
+            info = self._heartbeat_info(self.clock())
+            ok = await asyncio.to_thread(self.store.heartbeat, info)
+            if ok and not self.shared and self.policy.quorum == "auto":
+                await self._detect_peers()
             await asyncio.sleep(self._period_s())
+
+    # -- shared mode -----------------------------------------------------------------
+    def _quorum_wanted(self, store: Store) -> bool:
+        """quorum = "on", or "auto" with a database server (several nodes can reach it)."""
+        return self.policy.quorum == "on" or (self.policy.quorum == "auto" and store.shared)
+
+    async def _detect_peers(self) -> None:
+        """quorum = "auto" on SQLite: go shared once another checking node heartbeats here."""
+        assert self.store is not None
+        try:
+            nodes = await asyncio.to_thread(self.store.nodes)
+            now = await asyncio.to_thread(self.store.db_now)
+        except StoreError:
+            return
+        me = self.store.node_id
+        lease = self.policy.stale_intervals * self._period_s()
+        peers = [
+            n.node_id
+            for n in nodes
+            if n.node_id != me
+            and n.info.get("checker")
+            and n.seen_at is not None
+            and now - n.seen_at <= lease
+        ]
+        if peers and not self.shared:
+            log.warning(
+                "health: other checking nodes share this store (%s): deciding by quorum",
+                ", ".join(sorted(peers)),
+            )
+            await self._go_shared()
+            self.publish()
+
+    async def _go_shared(self) -> None:
+        """Decide by quorum from now on: read the shared state, keep it fresh."""
+        assert self.store is not None
+        self.shared = True
+        if self.run_checker:
+            try:
+                planned = plan_targets(self.sites, self.specs)
+                keep = [(site, addr or "") for site, addr in planned]
+                await asyncio.to_thread(self.store.retain_observations, keep)
+            except (StoreError, ConfigError) as exc:
+                log.warning("health: cannot drop votes on targets no longer checked: %s", exc)
+        await self._sync_once()
+        self._tasks.append(asyncio.create_task(self._sync_loop()))
+        if self.notify and self.store.notifies:
+            loop = asyncio.get_running_loop()
+            store = self.store
+
+            def wake(_payload: str) -> None:
+                try:
+                    loop.call_soon_threadsafe(self._wake.set)
+                except RuntimeError:  # the loop is closed: we are stopping
+                    self._listen_stop.set()
+
+            self._listener = threading.Thread(
+                target=store.listen,
+                args=(wake, self._listen_stop),
+                name=f"geodns-listen-{store.node_id}",
+                daemon=True,
+            )
+            self._listener.start()
+
+    async def _sync_loop(self) -> None:
+        """Re-read the shared state every period, and at once when a NOTIFY wakes us."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._period_s())
+                await asyncio.sleep(SYNC_COALESCE_S)  # fold a burst of notifications
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self._sync_once()
+
+    def _decide(self, snap: QuorumSnapshot) -> quorum.Decisions:
+        """The quorum over a snapshot, for the sites of this node's config."""
+        voters: dict[str, quorum.Voter] = {}
+        for n in snap.nodes:
+            info = n.info
+            voting = bool(info.get("checker")) and bool(info.get("votes", True))
+            stale = info.get("stale_sites") or ()
+            voters[n.node_id] = quorum.Voter(
+                n.node_id, n.seen_at, voting and not info.get("frozen"), frozenset(stale)
+            )
+        observations = [
+            (o.site, o.address, o.node_id, o.state)
+            for o in snap.observations
+            if o.site in self.sites
+        ]
+        last = {key: state for key, state in snap.decided.items() if key[0] in self.sites}
+        leases = {site: self._lease_s(site) for site in self.sites}
+        return quorum.decide(
+            observations,
+            voters,
+            snap.now,
+            leases,
+            self.policy.quorum_min_votes,
+            last,
+            default_lease_s=self.policy.stale_intervals * self._period_s(),
+        )
+
+    def _changes(self, snap: QuorumSnapshot) -> dict[tuple[str, str], tuple[Health, str]]:
+        decisions = self._decide(snap)
+        return {
+            key: (decisions.tallies[key].state, decisions.tallies[key].describe())
+            for key in decisions.changed
+        }
+
+    async def _sync_once(self) -> None:
+        """Read votes, decisions and overrides; store changed decisions; publish."""
+        assert self.store is not None
+        gen = self._override_gen
+        try:
+            snap = await asyncio.to_thread(self.store.quorum_snapshot)
+            decisions = self._decide(snap)
+            if decisions.changed:
+                snap, _ = await asyncio.to_thread(self.store.save_quorum, self._changes)
+                decisions = self._decide(snap)
+        except StoreError as exc:
+            if self.db_ok:
+                log.error(
+                    "health: shared state unreachable, serving the last decisions (local "
+                    "checks may bring sites back UP, never take them DOWN): %s",
+                    exc,
+                )
+            self.db_ok, self.sync_error = False, str(exc)
+            self.publish()
+            return
+        if not self.db_ok:
+            log.warning("health: shared state reachable again; deciding by quorum")
+        for key in decisions.changed:
+            t = decisions.tallies[key]
+            log.warning(
+                "health: quorum: site=%s address=%s %s", key[0], key[1] or "-", t.describe()
+            )
+        self.db_ok, self.sync_error = True, None
+        self.snapshot = snap
+        self.tallies = {(s, a or None): t for (s, a), t in decisions.tallies.items()}
+        self.decided = {key: t.state for key, t in self.tallies.items()}
+        self.no_quorum = decisions.no_quorum_sites()
+        if gen == self._override_gen:
+            # else a local override write raced this read: the next sync brings it
+            self.overrides = dict(snap.overrides)
+        self.syncs += 1
+        self.last_sync_at = self.clock()
+        self.publish()
+
+    def nodes_report(self, snapshot: QuorumSnapshot | None = None) -> dict[str, Any]:
+        """For /v1/nodes: the quorum settings and every node, last seen, fresh, votes.
+
+        From `snapshot`, else the one the last re-read of the shared state took.
+        """
+        snap = snapshot or self.snapshot
+        me = self.store.node_id if self.store is not None else None
+        out: dict[str, Any] = {
+            "node_id": me,
+            "quorum": {
+                "mode": self.policy.quorum,
+                "active": self.shared,
+                "min_votes": self.policy.quorum_min_votes,
+                "store_reachable": self.db_ok,
+                "error": self.sync_error,
+                "last_sync_at": self.last_sync_at,
+                "no_quorum_sites": sorted(self.no_quorum),
+            },
+            "nodes": [],
+        }
+        if snap is None:
+            return out
+        votes: dict[str, dict[str, str]] = {}
+        for o in snap.observations:
+            name = o.site if not o.address else f"{o.site}/{o.address}"
+            votes.setdefault(o.node_id, {})[name] = o.state.value
+        lease = self.policy.stale_intervals * self._period_s()
+        for n in sorted(snap.nodes, key=lambda n: n.node_id):
+            out["nodes"].append(_node_report(n, snap.now, lease, votes.get(n.node_id, {})))
+        return out
 
     async def _follow_loop(self) -> None:
         """`serve --no-checker`: poll the store for the checker's verdicts and overrides."""
         assert self.store is not None
         node = self.store.node_id
         while True:
+            if self.shared:
+                return  # the sync loop took over
+            if self.policy.quorum == "auto":
+                await self._detect_peers()
+                if self.shared:
+                    return
             try:
                 observed = await asyncio.to_thread(self.store.observed_states, node)
                 overrides = await asyncio.to_thread(self.store.overrides)
@@ -207,8 +474,11 @@ class HealthManager:
             await asyncio.sleep(self._period_s())
 
     async def stop(self) -> None:
+        self._listen_stop.set()
         for task in self._tasks:
             task.cancel()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, 2.0)
         if self._checker is not None:
             await self._checker.stop()
         if self._timer is not None:
@@ -229,6 +499,10 @@ class HealthManager:
             self._pools = dict(pools)
         if self._checker is not None:
             self._checker.update(self.sites, self.specs)
+        if self.shared and self.run_checker and self.store is not None:
+            store = self.store
+            keep = [(site, addr or "") for site, addr in plan_targets(self.sites, self.specs)]
+            self._enqueue(lambda: store.retain_observations(keep))
         self.publish(force=True)
 
     # -- observations ----------------------------------------------------------------
@@ -240,6 +514,7 @@ class HealthManager:
         now = ev.at
         info.last_result, info.last_at = ev.result, now
         self.last_verdict_at[ev.site] = now
+        self.probed_at[ev.site] = now
         if ev.result.ok != info.last_ok or now - info.last_row_at >= CHECK_ROW_EVERY_S:
             # check history is thinned: every change of result, else one per minute
             info.last_ok, info.last_row_at = ev.result.ok, now
@@ -272,7 +547,8 @@ class HealthManager:
                 lambda: (
                     self.store
                     and self.store.record_transition(ev.site, ev.address, old, new, reason, now)
-                )
+                ),
+                wake=True,  # shared mode: our vote changed, re-decide
             )
             if new is Health.DOWN:
                 # what answers used before this flip, in case the guard trips
@@ -311,6 +587,10 @@ class HealthManager:
                 "freezing the last good states and not voting",
                 self.frozen_reason,
             )
+            if self.shared and self.store is not None:
+                # withdraw our votes now, not at the next heartbeat
+                store, info = self.store, self._heartbeat_info(now)
+                self._enqueue(lambda: store.heartbeat(info), wake=True)
 
     def _maybe_unfreeze(self, now: float) -> None:
         checked = self._checked_sites()
@@ -338,6 +618,7 @@ class HealthManager:
             )
         else:
             row = OverrideRow(site, state, reason, who, now, expires_at)
+        self._override_gen += 1
         self.overrides[site] = row
         log.warning("override: site=%s state=%s by=%s reason=%s", site, state.value, who, reason)
         self.publish()
@@ -346,10 +627,12 @@ class HealthManager:
     async def clear_override(self, site: str, who: str, reason: str) -> bool:
         """Back to obeying the checks."""
         existed = self.overrides.pop(site, None) is not None
+        self._override_gen += 1
         if self.store is not None:
             existed = (
                 await asyncio.to_thread(self.store.clear_override, site, who, reason) or existed
             )
+        self._override_gen += 1
         log.warning("override cleared: site=%s by=%s", site, who)
         self.publish()
         return existed
@@ -357,6 +640,8 @@ class HealthManager:
     # -- publishing ------------------------------------------------------------------
     def compute(self, now: float) -> dict[str, SiteState]:
         """Effective SiteStates at `now` (pure over the manager's current data)."""
+        if self.shared:
+            return self._compute_shared(now)
         verdicts: dict[str, SiteVerdict] = {}
         stale: dict[str, bool] = {}
         for site in self.sites:
@@ -373,6 +658,25 @@ class HealthManager:
                 seen = self.last_verdict_at.get(site)
                 lease = self.policy.stale_intervals * spec.interval_s
                 stale[site] = seen is not None and now - seen > lease
+        return effective_states(self.sites, verdicts, self.overrides, stale, now)
+
+    def _compute_shared(self, now: float) -> dict[str, SiteState]:
+        """Shared mode: the quorum's decisions; cut off from the store, the last ones,
+        lifted (never lowered) by this node's own checks."""
+        by_site: dict[str, dict[str | None, Health]] = {}
+        for (site, addr), state in self.decided.items():
+            by_site.setdefault(site, {})[addr] = state
+        if not self.db_ok and self.run_checker:
+            for (site, addr), t in self.targets.items():
+                last = by_site.setdefault(site, {}).get(addr, Health.UNKNOWN)
+                by_site[site][addr] = quorum.degraded(last, t.health)
+        verdicts: dict[str, SiteVerdict] = {}
+        stale: dict[str, bool] = {}
+        for site in self.sites:
+            verdicts[site] = site_health(self.sites[site], by_site.get(site, {}))
+            spec = self.specs.get(site)
+            if spec is not None and spec.kind != "none":
+                stale[site] = not self.db_ok or site in self.no_quorum
         return effective_states(self.sites, verdicts, self.overrides, stale, now)
 
     def publish(self, force: bool = False) -> None:
@@ -427,20 +731,23 @@ class HealthManager:
         self.publish()
 
     # -- store writes, in order, off the event loop ------------------------------------
-    def _enqueue(self, fn: Callable[[], Any]) -> None:
+    def _enqueue(self, fn: Callable[[], Any], wake: bool = False) -> None:
+        """Queue a store write; `wake`: in shared mode, re-decide once it is written."""
         if self.store is not None and self._writes is not None:
-            self._writes.put_nowait(fn)
+            self._writes.put_nowait((fn, wake))
 
     async def _write_loop(self) -> None:
         assert self._writes is not None
         while True:
-            fn = await self._writes.get()
+            fn, wake = await self._writes.get()
             try:
                 await asyncio.to_thread(fn)
             except Exception as exc:  # the store journals what matters; log the rest
                 log.error("health: store write failed: %s", exc)
             finally:
                 self._writes.task_done()
+            if wake and self.shared:
+                self._wake.set()
 
     # -- reading -----------------------------------------------------------------------
     def site_info(self, site: str) -> SiteInfo:
@@ -454,7 +761,24 @@ class HealthManager:
             targets,
             self.overrides.get(site),
             self.last_verdict_at.get(site),
+            {addr: t for (s, addr), t in self.tallies.items() if s == site},
         )
+
+
+def _node_report(n: NodeRow, now: float, lease_s: float, votes: dict[str, str]) -> dict[str, Any]:
+    """One node for /v1/nodes; ages on the database's clock."""
+    age = None if n.seen_at is None else round(now - n.seen_at, 3)
+    voting = bool(n.info.get("checker")) and bool(n.info.get("votes", True))
+    return {
+        "node_id": n.node_id,
+        "last_seen": n.last_seen,
+        "age_s": age,
+        "fresh": age is not None and age <= lease_s,
+        "voting": voting and not n.info.get("frozen"),
+        "frozen": bool(n.info.get("frozen")),
+        "stale_sites": list(n.info.get("stale_sites") or ()),
+        "votes": votes,
+    }
 
 
 WaitFn = Callable[[], Awaitable[None]]

@@ -19,6 +19,14 @@ the database. Check results and heartbeats are not journaled: they are dropped a
 Reads raise `StoreError` while the database is unreachable or journaled writes are not yet
 applied, so callers keep their last in-memory view instead of reading a view that lacks
 acknowledged writes.
+
+Several nameservers sharing one database (issue 10): every node records its own
+observations (its votes) under its node id and heartbeats with the database's clock
+(`nodes.seen_at`); `quorum_snapshot()` reads everything a quorum needs in one consistent
+transaction and `save_quorum()` stores changed decisions in `quorum_states` under a lock
+(an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite), so concurrent deciders
+serialise. On PostgreSQL every state-changing commit also sends a NOTIFY on channel
+`geodns`, delivered at commit; `listen()` wakes the other nodes with it.
 """
 
 from __future__ import annotations
@@ -60,6 +68,17 @@ JOURNAL_FILE: Final = "journal.jsonl"
 REJECTED_FILE: Final = "journal.rejected.jsonl"
 # pg_advisory_xact_lock key ("geodns" in ASCII) serialising migrations across nodes
 _PG_MIGRATION_LOCK: Final = 0x67656F646E73
+# ... and the one ("geodnsq") serialising quorum decisions
+_PG_QUORUM_LOCK: Final = 0x67656F646E7371
+# LISTEN/NOTIFY channel: payload "<what> <node id>", sent when a state-changing write commits
+NOTIFY_CHANNEL: Final = "geodns"
+LISTEN_RETRY_S: Final = 1.0
+# how often the listener looks at its stop flag between notifications
+LISTEN_POLL_S: Final = 0.2
+# a LISTEN connection silent this long is pinged, so a dead one is noticed and replaced
+LISTEN_PING_S: Final = 5.0
+# node id under which quorum decisions appear in the transitions log
+QUORUM_NODE: Final = "quorum"
 
 # --------------------------------------------------------------------------- schema
 
@@ -146,8 +165,22 @@ nodes_table = sa.Table(
     "nodes",
     _metadata,
     sa.Column("node_id", sa.String(255), primary_key=True),
-    sa.Column("last_seen", sa.Double, nullable=False),
+    sa.Column("last_seen", sa.Double, nullable=False),  # the node's clock
     sa.Column("info", sa.Text, nullable=False),  # JSON object
+    # v2: the database's clock at the last heartbeat; quorum freshness is judged on it
+    sa.Column("seen_at", sa.Double, nullable=True),
+)
+
+# v2: what the quorum of nodes decided per target ('' address: the site as a whole)
+quorum_states = sa.Table(
+    "quorum_states",
+    _metadata,
+    sa.Column("site", sa.String(255), primary_key=True),
+    sa.Column("address", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("decided_at", sa.Double, nullable=False),  # the database's clock
+    sa.Column("decided_by", sa.String(255), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
 )
 
 applied_journal = sa.Table(
@@ -163,8 +196,16 @@ _V1_TABLES: Final = (
     transitions,
     overrides,
     audit_log,
-    nodes_table,
     applied_journal,
+)
+# frozen v1 definitions of tables that changed later (the live ones above are newer)
+_v1_metadata = sa.MetaData()
+_V1_NODES: Final = sa.Table(
+    "nodes",
+    _v1_metadata,
+    sa.Column("node_id", sa.String(255), primary_key=True),
+    sa.Column("last_seen", sa.Double, nullable=False),
+    sa.Column("info", sa.Text, nullable=False),
 )
 
 
@@ -174,15 +215,26 @@ _V1_TABLES: Final = (
 # n - 1 to n; `create_schema()` applies the missing ones in order inside one write
 # transaction (DDL is transactional on SQLite and PostgreSQL), serialised by the write
 # lock (SQLite) or an advisory lock (PostgreSQL), and records each in `schema_version`.
-# Rule: a released migration is never edited. When a table changes, add `_migrate_2` with
-# the ALTER statements and freeze `_migrate_1` by spelling out its v1 tables. Should the
-# schema grow, Alembic can take over by stamping the revision matching the last version.
+# Rule: a released migration is never edited. When a table changes, add a migration with
+# the ALTER statements and freeze the older ones by spelling out the old table (as
+# `_V1_NODES`). Should the schema grow, Alembic can take over by stamping the revision
+# matching the last version.
 def _migrate_1(conn: Connection) -> None:
     """v1: check history, observations, transitions, overrides, audit, nodes, journal ids."""
     _metadata.create_all(conn, tables=list(_V1_TABLES), checkfirst=True)
+    _V1_NODES.create(conn, checkfirst=True)
 
 
-_MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_migrate_1,)
+def _migrate_2(conn: Connection) -> None:
+    """v2 (several nodes): nodes.seen_at on the database's clock; quorum_states."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("nodes")}
+    if "seen_at" not in columns:
+        kind = sa.Double().compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE nodes ADD COLUMN seen_at {kind}"))
+    quorum_states.create(conn, checkfirst=True)
+
+
+_MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_migrate_1, _migrate_2)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
@@ -269,11 +321,27 @@ class AuditRow:
 
 @dataclass(frozen=True, slots=True)
 class NodeRow:
-    """A nameserver's last heartbeat."""
+    """A nameserver's last heartbeat: its own clock, and the database's (None before v2)."""
 
     node_id: str
     last_seen: float
     info: dict[str, Any]
+    seen_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumSnapshot:
+    """Everything a quorum decision reads, from one transaction.
+
+    `now` is the database's clock; `decided` the stored decision per (site, address),
+    '' for the site as a whole; `observations` every node's votes.
+    """
+
+    now: float
+    nodes: list[NodeRow]
+    observations: list[ObservedRow]
+    decided: dict[tuple[str, str], Health]
+    overrides: dict[str, OverrideRow]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -405,6 +473,35 @@ def _audit_row(r: sa.Row[Any]) -> AuditRow:
     )
 
 
+def _db_now(dialect: str) -> sa.ColumnElement[Any]:
+    """The database server's clock as seconds since the epoch (an SQL expression)."""
+    if dialect == "postgresql":
+        # clock_timestamp(), not now(): the time of the statement, not of BEGIN
+        return sa.extract("epoch", sa.func.clock_timestamp())
+    if dialect == "sqlite":
+        return (sa.func.julianday("now") - 2440587.5) * 86400.0
+    return sa.func.current_timestamp()  # pragma: no cover - other backends untested
+
+
+def _node_row(r: sa.Row[Any]) -> NodeRow:
+    seen_at = getattr(r, "seen_at", None)
+    return NodeRow(
+        r.node_id,
+        float(r.last_seen),
+        _load_json(r.info),
+        None if seen_at is None else float(seen_at),
+    )
+
+
+def _notify(conn: Connection, what: str, node_id: str) -> None:
+    """PostgreSQL: tell listening nodes (at commit) that shared state changed."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": NOTIFY_CHANNEL, "payload": f"{what} {node_id}"},
+        )
+
+
 def _upsert(
     conn: Connection,
     table: sa.Table,
@@ -497,6 +594,7 @@ class Store:
         self.max_check_age_s = max_check_age_s
         self.prune_batch = prune_batch
         self._clock = clock
+        self._url = parsed
         self._display_url = parsed.render_as_string(hide_password=True)
         self._lock = threading.RLock()
         self._schema_ready = False
@@ -565,6 +663,21 @@ class Store:
     def url(self) -> str:
         """The database URL with the password masked."""
         return self._display_url
+
+    @property
+    def backend(self) -> str:
+        """The SQLAlchemy backend name: 'sqlite', 'postgresql', ..."""
+        return str(self._url.get_backend_name())
+
+    @property
+    def shared(self) -> bool:
+        """True for a database server several nodes can share (anything but SQLite)."""
+        return self.backend != "sqlite"
+
+    @property
+    def notifies(self) -> bool:
+        """True if `listen()` can deliver change notifications (PostgreSQL)."""
+        return self.backend == "postgresql"
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -831,9 +944,14 @@ class Store:
                 _upsert(
                     conn,
                     nodes_table,
-                    {"node_id": self.node_id, "last_seen": self._clock(), "info": _dump_json(info)},
+                    {
+                        "node_id": self.node_id,
+                        "last_seen": self._clock(),
+                        "info": _dump_json(info),
+                        "seen_at": _db_now(conn.dialect.name),
+                    },
                     keys=("node_id",),
-                    update=("last_seen", "info"),
+                    update=("last_seen", "info", "seen_at"),
                 )
         except exc.SQLAlchemyError as e:
             if not _is_unavailable(e):
@@ -846,11 +964,156 @@ class Store:
     def nodes(self) -> list[NodeRow]:
         """Every node's last heartbeat, by node id."""
         query = sa.select(nodes_table).order_by(nodes_table.c.node_id)
+        return self._read(lambda c: [_node_row(r) for r in c.execute(query)])
+
+    def db_now(self) -> float:
+        """The database server's clock (seconds since the epoch)."""
         return self._read(
-            lambda c: [
-                NodeRow(r.node_id, float(r.last_seen), _load_json(r.info)) for r in c.execute(query)
-            ]
+            lambda c: float(c.execute(sa.select(_db_now(c.dialect.name))).scalar_one())
         )
+
+    # ----------------------------------------------------------------- quorum
+
+    def quorum_snapshot(self) -> QuorumSnapshot:
+        """Nodes, every node's observations, stored decisions, overrides: one transaction."""
+        return self._read(self._snapshot, isolation="REPEATABLE READ")
+
+    def _snapshot(self, conn: Connection) -> QuorumSnapshot:
+        now = float(conn.execute(sa.select(_db_now(conn.dialect.name))).scalar_one())
+        nodes = [_node_row(r) for r in conn.execute(sa.select(nodes_table))]
+        observed = [_observed_row(r) for r in conn.execute(sa.select(observations))]
+        decided = {
+            (r.site, r.address): Health(r.state) for r in conn.execute(sa.select(quorum_states))
+        }
+        local_now = self._clock()
+        active = conn.execute(
+            sa.select(overrides).where(
+                sa.or_(overrides.c.expires_at.is_(None), overrides.c.expires_at > local_now)
+            )
+        )
+        return QuorumSnapshot(
+            now, nodes, observed, decided, {r.site: _override_row(r) for r in active}
+        )
+
+    def save_quorum(
+        self,
+        compute: Callable[[QuorumSnapshot], dict[tuple[str, str], tuple[Health, str]]],
+    ) -> tuple[QuorumSnapshot, dict[tuple[str, str], tuple[Health, str]]]:
+        """Re-read the snapshot under the quorum lock, store what `compute` decides changed.
+
+        `compute` returns {(site, address): (new state, why)} for decisions that differ
+        from `snapshot.decided`; each is upserted into quorum_states and logged as a
+        transition of node "quorum". Deciders on several nodes serialise on the lock, so
+        each decides from the latest committed votes and decisions. Not journaled: a
+        decision is derived data, recomputed when the database is back.
+        """
+
+        def run(conn: Connection) -> tuple[QuorumSnapshot, dict[tuple[str, str], Any]]:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_QUORUM_LOCK})
+            snap = self._snapshot(conn)
+            changes = compute(snap)
+            for (site, address), (state, why) in sorted(changes.items()):
+                old = snap.decided.get((site, address), Health.UNKNOWN)
+                if old is state:
+                    continue
+                _upsert(
+                    conn,
+                    quorum_states,
+                    {
+                        "site": site,
+                        "address": address,
+                        "state": state.value,
+                        "decided_at": snap.now,
+                        "decided_by": self.node_id,
+                        "detail": why,
+                    },
+                    keys=("site", "address"),
+                    update=("state", "decided_at", "decided_by", "detail"),
+                )
+                conn.execute(
+                    transitions.insert().values(
+                        site=site,
+                        address=address or None,
+                        node_id=QUORUM_NODE,
+                        old=old.value,
+                        new=state.value,
+                        at=snap.now,
+                        reason=f"{why}; decided by {self.node_id}",
+                    )
+                )
+            if changes:
+                _notify(conn, "quorum", self.node_id)
+            return snap, changes
+
+        return self._read(run, write=True)
+
+    def retain_observations(self, keep: Iterable[tuple[str, str]]) -> int:
+        """Delete this node's observations (votes) of targets not in `keep`; how many.
+
+        A node whose config no longer checks a target must stop voting on it.
+        """
+        wanted = set(keep)
+
+        def run(conn: Connection) -> int:
+            mine = conn.execute(
+                sa.select(observations.c.site, observations.c.address).where(
+                    observations.c.node_id == self.node_id
+                )
+            ).all()
+            gone = 0
+            for site, address in mine:
+                if (site, address) not in wanted:
+                    gone += conn.execute(
+                        observations.delete().where(
+                            observations.c.node_id == self.node_id,
+                            observations.c.site == site,
+                            observations.c.address == address,
+                        )
+                    ).rowcount
+            return gone
+
+        return self._read(run, write=True)
+
+    def listen(
+        self,
+        on_notify: Callable[[str], None],
+        stop: threading.Event,
+        retry_s: float = LISTEN_RETRY_S,
+    ) -> None:
+        """Block until `stop` is set, calling on_notify(payload) for each NOTIFY (PostgreSQL).
+
+        Reconnects by itself when the database goes away; after every (re)connect it
+        calls on_notify("") once, since changes made meanwhile sent no notification.
+        Returns at once for databases without notifications.
+        """
+        if not self.notifies:
+            return
+        import psycopg
+
+        cargs, cparams = self._engine.dialect.create_connect_args(self._url)
+        cparams.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        lost = False  # log the loss once, not at every retry
+        while not stop.is_set():
+            try:
+                with psycopg.connect(*cargs, **cparams, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    log.info("store: listening for changes on %s", self._display_url)
+                    lost = False
+                    on_notify("")
+                    silent_since = time.monotonic()
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=LISTEN_POLL_S):
+                            on_notify(n.payload)
+                            silent_since = time.monotonic()
+                        if time.monotonic() - silent_since > LISTEN_PING_S:
+                            conn.execute("SELECT 1")  # a dead connection raises here
+                            silent_since = time.monotonic()
+            except psycopg.Error as e:
+                if not lost and not stop.is_set():
+                    log.warning("store: change listener lost the database: %s", _describe(e))
+                lost = True
+                stop.wait(retry_s)
 
     # ----------------------------------------------------------------- retention
 
@@ -978,6 +1241,7 @@ class Store:
                 keys=("site", "address", "node_id"),
                 update=("state", "since", "updated_at"),
             )
+            _notify(conn, "transition", a["node_id"])
             return tid
         if op == "set_override":
             previous = conn.execute(
@@ -997,6 +1261,7 @@ class Store:
                 "previous": previous.state if previous else None,
             }
             self._insert_audit(conn, a["created_at"], a["who"], "override.set", a["site"], detail)
+            _notify(conn, "override", self.node_id)
             return None
         if op == "clear_override":
             previous = conn.execute(
@@ -1010,6 +1275,7 @@ class Store:
                 "previous": previous.state if previous else None,
             }
             self._insert_audit(conn, a["at"], a["who"], "override.clear", a["site"], detail)
+            _notify(conn, "override", self.node_id)
             return previous is not None
         if op == "expire_overrides":
             now = a["now"]
@@ -1035,6 +1301,8 @@ class Store:
                     }
                     self._insert_audit(conn, now, "expiry", "override.expire", r.site, detail)
                     sites.append(r.site)
+            if sites:
+                _notify(conn, "override", self.node_id)
             return sites
         if op == "audit":
             return self._insert_audit_text(
@@ -1206,10 +1474,16 @@ class Store:
         return self._clock() if at is None else float(at)
 
     @contextmanager
-    def _tx(self, *, write: bool) -> Iterator[Connection]:
-        """One short transaction (BEGIN IMMEDIATE on SQLite when `write`)."""
+    def _tx(self, *, write: bool, isolation: str | None = None) -> Iterator[Connection]:
+        """One short transaction (BEGIN IMMEDIATE on SQLite when `write`).
+
+        `isolation` (e.g. "REPEATABLE READ") applies on PostgreSQL only: SQLite's
+        transactions are serializable already.
+        """
         with self._engine.connect() as conn:
             conn.execution_options(geodns_write=write)
+            if isolation is not None and conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level=isolation)
             with conn.begin():
                 yield conn
 
@@ -1241,8 +1515,11 @@ class Store:
                 if not self._schema_ready:
                     self._migrate()
 
-    def _read(self, fn: Callable[[Connection], T]) -> T:
-        """Run a read transaction, or raise StoreError if the DB or the journal is behind."""
+    def _read(
+        self, fn: Callable[[Connection], T], *, write: bool = False, isolation: str | None = None
+    ) -> T:
+        """Run a transaction that needs the database current (every journaled write applied),
+        or raise StoreError. `write`: a write of derived data that is not journaled."""
         if self._pending and not self._try_replay():
             raise StoreError(
                 f"state store degraded: {self._pending} journaled writes not yet applied "
@@ -1250,7 +1527,7 @@ class Store:
             )
         try:
             self._ensure_schema()
-            with self._tx(write=False) as conn:
+            with self._tx(write=write, isolation=isolation) as conn:
                 result = fn(conn)
         except exc.SQLAlchemyError as e:
             raise self._read_error(e) from e

@@ -1,19 +1,23 @@
-"""geodns.store against SQLite, and against PostgreSQL when GEODNS_TEST_PG_URL is set.
+"""geodns.store against SQLite and against a real PostgreSQL.
 
-GEODNS_TEST_PG_URL is a SQLAlchemy URL (`postgresql+psycopg://user@host/db`); each test
-gets a fresh schema in that database, dropped afterwards. Tests that need SQLite's file
-locks to make the database unavailable run on SQLite only.
+PostgreSQL is the session server of tests/conftest.py (started from the Debian package),
+or GEODNS_TEST_PG_URL when set, a SQLAlchemy URL (`postgresql+psycopg://user@host/db`)
+of an existing one; each test gets a fresh schema in that database, dropped afterwards.
+Tests that need SQLite's file locks to make the database unavailable run on SQLite only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,11 +36,11 @@ from geodns.store import (
     CheckResult,
     Store,
 )
+from tests.conftest import postgres_available
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
 DAY_S = 86400.0
-PG_ENV = "GEODNS_TEST_PG_URL"
 
 
 class FakeClock:
@@ -50,7 +54,7 @@ class FakeClock:
 
 
 def _backends() -> list[str]:
-    return ["sqlite", "postgresql"] if os.environ.get(PG_ENV) else ["sqlite"]
+    return ["sqlite", "postgresql"] if postgres_available() else ["sqlite"]
 
 
 def _pg_conninfo(url: str) -> str:
@@ -65,7 +69,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'state' / 'geodns.sqlite3'}"
         return
     psycopg = pytest.importorskip("psycopg")
-    base = os.environ[PG_ENV]
+    base = request.getfixturevalue("pg_base_url")
     schema = f"geodns_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(_pg_conninfo(base), autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -125,7 +129,8 @@ def test_schema_created_once_and_reopen_is_idempotent(
     store.close()
     again = make_store()
     assert again.schema_version() == SCHEMA_VERSION
-    assert raw_rows(store_url, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    versions = raw_rows(store_url, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     assert again.healthy and again.ping()
 
 
@@ -343,6 +348,118 @@ def test_prune_removes_checks_older_than_seven_days(
     store.record_check("fra", None, True, 1.0, None, at=now)
     assert store.prune(now=now) == 3
     assert [c.at for c in store.last_checks("fra")] == [now, T0 + 4, T0 + 3]
+
+
+# --------------------------------------------------------------------------- several nodes
+
+
+def test_heartbeat_records_the_database_clock(
+    make_store: Callable[..., Store], clock: FakeClock
+) -> None:
+    store = make_store("node-a")  # the node's own clock is years off (T0)
+    before = time.time()
+    assert store.heartbeat({"checker": True})
+    (node,) = store.nodes()
+    assert node.last_seen == T0
+    assert node.seen_at is not None and before - 1 <= node.seen_at <= time.time() + 1
+    assert abs(store.db_now() - time.time()) < 1
+
+
+def test_quorum_snapshot_and_decisions(make_store: Callable[..., Store]) -> None:
+    a, b = make_store("node-a"), make_store("node-b")
+    a.record_transition("uk", None, Health.UNKNOWN, Health.DOWN, "refused")
+    b.record_transition("uk", None, Health.UNKNOWN, Health.UP, "ok")
+    b.record_transition("fra", "192.0.2.1", Health.UNKNOWN, Health.DOWN, "refused")
+    a.heartbeat({"checker": True})
+    a.set_override("fra", Override.DOWN, "drain", "alice", None)
+    snap = b.quorum_snapshot()
+    assert abs(snap.now - time.time()) < 1
+    assert sorted((o.site, o.address, o.node_id, o.state) for o in snap.observations) == [
+        ("fra", "192.0.2.1", "node-b", Health.DOWN),
+        ("uk", "", "node-a", Health.DOWN),
+        ("uk", "", "node-b", Health.UP),
+    ]
+    assert [n.node_id for n in snap.nodes] == ["node-a"]
+    assert snap.decided == {} and set(snap.overrides) == {"fra"}
+
+    seen: list[dict[tuple[str, str], Health]] = []
+
+    def compute(s: Any) -> dict[tuple[str, str], tuple[Health, str]]:
+        seen.append(dict(s.decided))
+        return {("uk", ""): (Health.DOWN, "down by 2 of 2"), ("fra", "192.0.2.1"): (Health.UP, "")}
+
+    _, changes = b.save_quorum(compute)
+    assert len(changes) == 2 and seen == [{}]
+    assert a.quorum_snapshot().decided == {
+        ("uk", ""): Health.DOWN,
+        ("fra", "192.0.2.1"): Health.UP,
+    }
+    rows, _ = a.list_transitions()
+    quorum_rows = [(r.site, r.address, r.node_id, r.new) for r in rows if r.node_id == "quorum"]
+    assert sorted(quorum_rows, key=str) == [
+        ("fra", "192.0.2.1", "quorum", Health.UP),
+        ("uk", None, "quorum", Health.DOWN),
+    ]
+    assert "decided by node-b" in rows[0].reason
+    # deciding the same again writes nothing
+    b.save_quorum(compute)
+    assert len(a.list_transitions()[0]) == len(rows)
+
+
+def test_retain_observations_drops_votes_on_targets_no_longer_checked(
+    make_store: Callable[..., Store],
+) -> None:
+    a, b = make_store("node-a"), make_store("node-b")
+    for site in ("uk", "fra", "old"):
+        a.record_transition(site, None, Health.UNKNOWN, Health.UP, "ok")
+    b.record_transition("old", None, Health.UNKNOWN, Health.UP, "ok")
+    assert a.retain_observations([("uk", ""), ("fra", "")]) == 1
+    assert set(a.observed_states()) == {"uk", "fra"}
+    assert set(a.observed_states("node-b")) == {"old"}  # another node's votes stay
+
+
+def test_v1_database_is_migrated_to_v2(
+    make_store: Callable[..., Store], store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geodns.store as store_module
+
+    monkeypatch.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    old = make_store("node-a")
+    assert old.schema_version() == 1
+    old.close()
+    columns = "SELECT * FROM nodes"  # the v1 table: node_id, last_seen, info
+    assert raw_rows(store_url, columns) == []
+    monkeypatch.undo()
+    new = make_store("node-a")
+    assert new.schema_version() == SCHEMA_VERSION == 2
+    assert new.heartbeat({"checker": True})
+    assert new.nodes()[0].seen_at is not None
+    assert new.quorum_snapshot().decided == {}
+
+
+def test_listen_wakes_on_commit_and_reconnect(make_store: Callable[..., Store]) -> None:
+    a, b = make_store("node-a"), make_store("node-b")
+    if not b.notifies:
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL only")
+    got: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    listener = threading.Thread(target=b.listen, args=(got.put, stop), daemon=True)
+    listener.start()
+    try:
+        assert got.get(timeout=10) == ""  # connected: callers re-read once
+        a.set_override("fra", Override.DOWN, "drain", "alice", None)
+        assert got.get(timeout=10) == "override node-a"
+        a.record_transition("fra", None, Health.UP, Health.DOWN, "refused")
+        assert got.get(timeout=10) == "transition node-a"
+        a.heartbeat({})  # heartbeats and check history do not notify
+        a.record_check("fra", None, True, 1.0, None)
+        a.clear_override("fra", "alice", "done")
+        assert got.get(timeout=10) == "override node-a"
+    finally:
+        stop.set()
+        listener.join(10)
+    assert not listener.is_alive()
 
 
 # --------------------------------------------------------------------------- concurrency
