@@ -203,6 +203,24 @@ class TcpProtocol(asyncio.Protocol):
         self.transport = None
 
 
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    """Room for bursts: a full receive buffer drops queries before we ever see them.
+
+    SO_RCVBUFFORCE (root or CAP_NET_ADMIN) goes past net.core.rmem_max; otherwise the
+    kernel caps SO_RCVBUF at rmem_max.
+    """
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+        # 33 = SO_RCVBUFFORCE, 32 = SO_SNDBUFFORCE on Linux
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER_BYTES)
+
+
 def bind_sockets(
     host: str, port: int, reuse_port: bool = False
 ) -> tuple[socket.socket, socket.socket]:
@@ -222,6 +240,7 @@ def bind_sockets(
                 if reuse_port:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _grow_buffers(udp)
             udp.bind((host, port))
             tcp.bind((host, udp.getsockname()[1]))
             tcp.listen(1024)
