@@ -173,14 +173,11 @@ class App:
             self.config.sites,
             self.config.site_checks,
             self.store,
-            HealthPolicy(
-                partition_min_sites=self.config.checks.partition_min_sites,
-                partition_share=self.config.checks.partition_share,
-                stale_intervals=self.config.checks.stale_intervals,
-            ),
+            HealthPolicy.from_config(self.config.checks),
             run_checker=self.run_checker,
             max_concurrency=self.config.checks.max_concurrency,
             follow=not self.run_checker,
+            notify=self.config.store.notify,
         )
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
@@ -346,12 +343,9 @@ async def run_checker_forever(config: Config) -> None:
         config.sites,
         config.site_checks,
         store,
-        HealthPolicy(
-            partition_min_sites=config.checks.partition_min_sites,
-            partition_share=config.checks.partition_share,
-            stale_intervals=config.checks.stale_intervals,
-        ),
+        HealthPolicy.from_config(config.checks),
         max_concurrency=config.checks.max_concurrency,
+        notify=config.store.notify,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
