@@ -55,6 +55,12 @@ class ServerConfig:
         "queries on one TCP connection before it is closed; 0 = unlimited", 0
     )
     max_cname_chain: int = _doc("in-zone CNAME links followed for one query", 8)
+    max_additional_rrsets: int = _doc(
+        "optional additional-section RRsets (addresses of MX/SRV/NS targets, sibling "
+        "glue) written into one reply: caps the work one query causes; required glue "
+        "is never capped (RFC 9471)",
+        32,
+    )
     user: str = _doc("when started as root: bind, then run as this user; empty = stay", "")
     log_level: str = _doc("debug | info | warning | error", "info")
     query_log: bool = _doc("log every query (costly; off in production)", False)
@@ -157,6 +163,50 @@ class CookiesConfig:
 
 
 @dataclass(frozen=True)
+class RrlConfig:
+    """Response rate limiting (geodns/rrl.py), on by default.
+
+    Why on, and why 200/s: NSD ships RRL on at 200 responses/s per /24; BIND and Knot
+    ship it off, which leaves a fresh install usable as a reflector until an operator
+    reads the manual. An authoritative server's real clients are resolvers that cache
+    for the TTL, so one resolver network asks us for one name far less than 200 times a
+    second; a limited client still gets 200 full answers/s plus a TC=1 reply for every
+    `slip`-th limited one, and a resolver then retries over TCP, which is never limited.
+    Resolvers sending a valid DNS cookie are not limited at all. Large ECS-enabled
+    resolver farms that ask for one geo name per client subnet can exceed the rate:
+    put their networks in `exempt` or raise the rate.
+    """
+
+    enabled: bool = _doc("rate-limit UDP responses per client network and kind", True)
+    responses_per_s: float = _doc(
+        "responses per second one client network gets for one kind (an answer for a "
+        "name, NXDOMAIN or referrals for a zone, errors) before it is limited",
+        200.0,
+    )
+    window_s: float = _doc(
+        "burst and memory, in seconds: a bucket holds responses_per_s * window_s "
+        "responses, and a network is unlimited again window_s after its flood ends",
+        2.0,
+    )
+    slip: int = _doc(
+        "every slip-th limited response goes out truncated (TC=1, no records) so real "
+        "clients retry over TCP; 1 = all, 0 = drop all",
+        2,
+    )
+    ipv4_prefix: int = _doc("IPv4 source addresses are grouped into networks of this length", 24)
+    ipv6_prefix: int = _doc("IPv6 source addresses are grouped into networks of this length", 56)
+    exempt: tuple[str, ...] = _doc(
+        "networks never limited (CIDR); the packet's source address is matched, never ECS",
+        ("127.0.0.0/8", "::1/128"),
+    )
+    table_size: int = _doc(
+        "buckets in the fixed table (16 bytes each, shared by all workers); when full, "
+        "idle buckets are reused first and limited ones never",
+        262144,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -169,6 +219,7 @@ class Config:
     sites: dict[str, Site]
     pools: dict[str, Pool]
     site_checks: dict[str, CheckSpec]
+    rrl: RrlConfig = field(default_factory=RrlConfig)
 
     def resolve(self, p: str) -> Path:
         """A path from the config, made absolute relative to the config file's directory."""
@@ -188,6 +239,7 @@ _SECTIONS: dict[str, type] = {
     "geoip": GeoipConfig,
     "checks": ChecksConfig,
     "cookies": CookiesConfig,
+    "rrl": RrlConfig,
 }
 _REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -446,6 +498,30 @@ def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: li
     return Pool(name, members, tuple(rules), fallback, default)
 
 
+def _check_rrl(rrl: RrlConfig, where: str) -> list[str]:
+    problems: list[str] = []
+    if rrl.responses_per_s <= 0:
+        problems.append(f"{where}: rrl.responses_per_s: must be > 0")
+    if rrl.window_s <= 0:
+        problems.append(f"{where}: rrl.window_s: must be > 0")
+    elif rrl.responses_per_s * rrl.window_s < 1:
+        problems.append(f"{where}: rrl: responses_per_s * window_s must be >= 1 (the burst)")
+    if not 0 <= rrl.slip <= 10:
+        problems.append(f"{where}: rrl.slip: must be within 0..10 (0 = never slip)")
+    if not 1 <= rrl.ipv4_prefix <= 32:
+        problems.append(f"{where}: rrl.ipv4_prefix: must be within 1..32")
+    if not 1 <= rrl.ipv6_prefix <= 128:
+        problems.append(f"{where}: rrl.ipv6_prefix: must be within 1..128")
+    for i, text in enumerate(rrl.exempt):
+        try:
+            ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            problems.append(f"{where}: rrl.exempt[{i}]: {exc}")
+    if not 2 <= rrl.table_size <= 1 << 26:
+        problems.append(f"{where}: rrl.table_size: must be within 2..67108864")
+    return problems
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Read and validate the config file; raise ConfigError listing every problem.
 
@@ -497,6 +573,10 @@ def load_config(path: str | Path | None = None) -> Config:
                     raise ValueError
             except ValueError:
                 problems.append(f"{where}: cookies.{key}: must be 32 hex digits (16 bytes)")
+    if server.max_additional_rrsets < 0:
+        problems.append(f"{where}: server.max_additional_rrsets: must be >= 0")
+    rrl: RrlConfig = sections["rrl"] or RrlConfig()
+    problems += _check_rrl(rrl, where)
 
     geoip: GeoipConfig = sections["geoip"] or GeoipConfig()
     checks: ChecksConfig = sections["checks"] or ChecksConfig()
@@ -555,6 +635,7 @@ def load_config(path: str | Path | None = None) -> Config:
         geoip=geoip,
         checks=checks,
         cookies=cookies,
+        rrl=rrl,
         sites=sites,
         pools=pools,
         site_checks=site_checks,
