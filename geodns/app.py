@@ -24,12 +24,18 @@ from .handler import Handler, Settings, Stats
 from .health import HealthManager, HealthPolicy
 from .policytests import country_locations, make_validator
 from .reload import ZoneReloader, ZoneStatus
+from .rrl import FD_ENV, SharedTable
+from .rrl import from_config as rrl_from_config
 from .server import DnsServer, TcpLimits, bind_sockets
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
 from .workers import WorkerPool, worker_stats_loop, worker_stdin_loop
 
 log = logging.getLogger(__name__)
+
+# --workers N: the main process hands its workers one cookie secret (a server cookie
+# minted by one worker must be valid at the next) when [cookies] secret is empty.
+COOKIE_ENV = "GEODNS_COOKIE_SECRET"
 
 
 class App:
@@ -94,12 +100,24 @@ class App:
     def _make_handler(self) -> Handler:
         cfg = self.config
         secret = bytes.fromhex(cfg.cookies.secret) if cfg.cookies.secret else None
+        if secret is None and self.worker_mode and os.environ.get(COOKIE_ENV):
+            secret = bytes.fromhex(os.environ[COOKIE_ENV])
+        self.cookie_secret = secret or os.urandom(16)
+        # RRL: with --workers N one table in shared memory (a memfd the workers map), so
+        # the limit is per host, not per worker; see geodns/rrl.py.
+        table = None
+        if cfg.rrl.enabled and self.worker_mode and os.environ.get(FD_ENV):
+            table = SharedTable.attach(int(os.environ[FD_ENV]))
+        elif cfg.rrl.enabled and self.workers > 1 and not self.worker_mode:
+            table = SharedTable.create(cfg.rrl.table_size)
+        self.rrl_table = table
         old = cfg.cookies.previous_secret
         previous = bytes.fromhex(old) if old else None
         settings = Settings(
             max_udp_payload=cfg.server.max_udp_payload,
             nsid=cfg.server.nsid.encode(),
             max_cname_chain=cfg.server.max_cname_chain,
+            max_additional_rrsets=cfg.server.max_additional_rrsets,
             cookies_require=cfg.cookies.require,
         )
         locate = None
@@ -118,10 +136,11 @@ class App:
             settings,
             locate=locate,
             decide=pick.decide,
-            cookies=CookieJar(secret, previous),
+            cookies=CookieJar(self.cookie_secret, previous),
             is_special=geo.is_special,
             special_block=geo.special_block,
             stats=self.stats,
+            rrl=rrl_from_config(cfg.rrl, table),
         )
 
     def _countries(self) -> geo.CountryTable:
@@ -187,8 +206,20 @@ class App:
         await self.reloader.start()
         if worker_listen:
             extra = [] if self.cache else ["--no-packet-cache"]
+            env = {COOKIE_ENV: self.cookie_secret.hex()}
+            fds: tuple[int, ...] = ()
+            if self.rrl_table is not None and self.rrl_table.fd is not None:
+                env[FD_ENV] = str(self.rrl_table.fd)
+                fds = (self.rrl_table.fd,)
             self.pool = WorkerPool(
-                self.config.path, worker_listen, self.workers, self.holder, self.stats, extra
+                self.config.path,
+                worker_listen,
+                self.workers,
+                self.holder,
+                self.stats,
+                extra,
+                env=env,
+                pass_fds=fds,
             )
             await self.pool.start()
             self.worker_addresses = [parse_listen(a) for a in worker_listen]

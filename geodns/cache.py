@@ -4,7 +4,8 @@ The key is the query's bytes after the ID: the question exactly as sent (so 0x20
 needs no patching), the flags, and the whole OPT record (EDNS presence, version, DO,
 payload size and the ECS option with the client's prefix). The reply is stored without
 its ID and spliced behind the new ID. Queries with a COOKIE option are never cached
-(server cookies are per client and per time).
+(server cookies are per client and per time). A UDP hit still goes through response
+rate limiting (`Handler.rate_limit`, the kind key kept from the miss).
 
 An entry remembers what its reply depended on and is checked on every hit, so a cached
 answer is never served across a change:
@@ -90,6 +91,11 @@ class PacketCache:
                 if hit is not None:
                     tail, sites = hit
             if tail is not None:
+                if entry.info.rrl_kind:
+                    # RRL: a hit is charged like the miss that made it (UDP only)
+                    limited = self.handler.rate_limit(data, addr, entry.info.rrl_kind)
+                    if limited is not None:
+                        return limited or None
                 self.hits += 1
                 hit_info = entry.info
                 stats = self.handler.stats

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cookies import CookieJar
 from .model import Decision, IPAddress, IPNetwork, Location, SiteState, Transport
 from .resolver import Answer, resolve
+from .rrl import Action, RateLimiter, response_kind
 from .view import ViewHolder
 from .wire import (
     AA,
@@ -76,6 +78,9 @@ class Stats:
     truncated: int = 0
     formerr: int = 0
     dropped: int = 0
+    # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
+    # limiter's own list when there is one
+    rrl: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
     def count(self, qtype: int, rcode: int, transport: Transport) -> None:
         key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
@@ -96,6 +101,7 @@ class CacheInfo:
     sites: tuple[str, ...]
     ecs: bool
     geo_generation: int  # GeoIP database generation
+    rrl_kind: bytes = b""  # RRL kind key (UDP): a cache hit is charged as the miss was
 
 
 # Locate the client: (address, family width) -> Location (geo.Locator.locate)
@@ -111,6 +117,7 @@ class Settings:
     max_udp_payload: int = 1232
     nsid: bytes = b""
     max_cname_chain: int = 8
+    max_additional_rrsets: int = 32
     cookies_require: bool = False
     all_down: str = "open"
 
@@ -129,6 +136,8 @@ class Handler:
         special_block: Callable[[IPAddress], ipaddress.IPv4Network | ipaddress.IPv6Network | None]
         | None = None,
         stats: Stats | None = None,
+        rrl: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.holder = holder
         self.settings = settings or Settings()
@@ -139,6 +148,10 @@ class Handler:
         self.is_special = is_special
         self.special_block = special_block
         self.stats = stats or Stats()
+        self.rrl = rrl  # response rate limiting of UDP replies (None: off)
+        self.clock = clock  # RRL's clock; tests inject one
+        if rrl is not None:
+            self.stats.rrl = rrl.counts
 
     @property
     def locate(self) -> Locate | None:
@@ -183,7 +196,7 @@ class Handler:
     # -- steps ----------------------------------------------------------------------
     def _answer(
         self, q: Query, addr: tuple[str, int], transport: Transport
-    ) -> tuple[bytes, CacheInfo | None]:
+    ) -> tuple[bytes | None, CacheInfo | None]:
         edns = q.edns
         udp = transport is Transport.UDP
         limit = (
@@ -237,6 +250,16 @@ class Handler:
             steer,
             self.settings.max_cname_chain,
         )
+        rrl_kind = b""
+        if self.rrl is not None and udp:
+            # RRL charges the packet's source network (never ECS) for this kind of reply;
+            # TCP is never limited, nor a client whose server cookie is valid.
+            zone_origin = ans.zone.origin if ans.zone is not None else b""
+            rrl_kind = response_kind(ans.rcode, ans.aa, q.qname.lower(), zone_origin)
+            if not cookie_ok:
+                act = self.rrl.check(addr[0], rrl_kind, self.clock())
+                if act:
+                    return (self._slip(q, options) if act is Action.SLIP else None), None
         if ans.decision is not None:
             for site in ans.decision.sites:
                 self.stats.answers_by_site[site] = self.stats.answers_by_site.get(site, 0) + 1
@@ -263,8 +286,31 @@ class Handler:
             sites=ans.decision.sites if ans.decision is not None else (),
             ecs=edns is not None and edns.ecs is not None,
             geo_generation=self.geo_generation,
+            rrl_kind=rrl_kind,
         )
         return reply, info
+
+    def rate_limit(self, data: bytes, addr: tuple[str, int], rrl_kind: bytes) -> bytes | None:
+        """A packet cache hit's RRL check: None to send the cached reply as it is, else
+        the reply to send instead (b"" to drop, or the slipped TC=1 reply)."""
+        assert self.rrl is not None
+        act = self.rrl.check(addr[0], rrl_kind, self.clock())
+        if not act:
+            return None
+        if act is Action.DROP:
+            return b""
+        q = decode_query(data)  # the same bytes decoded on the miss: cannot fail
+        assert q is not None
+        nsid = q.edns is not None and q.edns.nsid and self.settings.nsid
+        return self._slip(q, [(OPT_NSID, self.settings.nsid)] if nsid else [])
+
+    def _slip(self, q: Query, options: list[tuple[int, bytes]]) -> bytes:
+        """RRL's slipped reply: TC=1, the question, no records, OPT for EDNS queries, so
+        a real client retries over TCP (and one with a cookie gets a fresh one)."""
+        edns = q.edns
+        if edns is not None and edns.ecs is not None:
+            options = [*options, (OPT_ECS, encode_ecs(edns.ecs, 0))]  # RFC 7871 §7.2.1
+        return self._simple(q, NOERROR, edns, options, Transport.UDP, TC)
 
     def _cookie(self, opt: bytes, addr: tuple[str, int]) -> tuple[bool, bytes]:
         client = opt[:8]
@@ -285,10 +331,11 @@ class Handler:
         edns: Edns | None,
         options: list[tuple[int, bytes]],
         transport: Transport,
+        tc: int = 0,
     ) -> bytes:
         """A reply without records: header, question echoed, OPT for EDNS queries."""
         self.stats.count(q.qtype, rcode, transport)
-        flags = QR | (q.flags & (0x7800 | RD | CD)) | (rcode & 0xF)
+        flags = QR | (q.flags & (0x7800 | RD | CD)) | (rcode & 0xF) | tc
         w = Writer(65535)
         w.question(q.question, len(q.qname))
         if edns is not None:
@@ -327,7 +374,7 @@ class Handler:
                     truncated = True
                     break
         if not truncated:
-            for owner, rr, ttl in ans.additional:
+            for owner, rr, ttl in ans.additional[: self.settings.max_additional_rrsets]:
                 mark = w.mark()
                 n = w.rrset(owner, rr, ttl)
                 if len(w.buf) > w.limit:

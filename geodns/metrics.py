@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 
 from .model import Health, Override
+from .rrl import COUNT_NAMES
 
 if TYPE_CHECKING:
     from .app import App
@@ -86,6 +87,15 @@ class GeoDNSCollector(Collector):
         yield CounterMetricFamily(
             "geodns_dns_dropped", "Packets dropped without a reply (unparseable)", stats.dropped
         )
+        rrl = CounterMetricFamily(
+            "geodns_rrl_responses",
+            "UDP responses by response rate limiting decision: pass (sent), drop (not "
+            "sent), slip (sent truncated, TC=1), exempt (exempt network, sent)",
+            labels=["action"],
+        )
+        for name, n in zip(COUNT_NAMES, stats.rrl, strict=False):
+            rrl.add_metric([name], n)
+        yield rrl
 
     # -- health ----------------------------------------------------------------------------
     def _health(self) -> Iterator[Metric]:

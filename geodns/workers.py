@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ def encode_stats(stats: Stats) -> bytes:
         "truncated": stats.truncated,
         "formerr": stats.formerr,
         "dropped": stats.dropped,
+        "rrl": stats.rrl,
     }
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
@@ -81,6 +83,7 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
     queries: dict[tuple[str, int, str], int] = {}
     by_site: dict[str, int] = {}
     totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0}
+    rrl = [0, 0, 0, 0]
     for p in parts:
         for qtype, rcode, transport, n in p["queries"]:
             key = (qtype, int(rcode), transport)
@@ -89,8 +92,11 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
             by_site[site] = by_site.get(site, 0) + int(n)
         for k in totals:
             totals[k] += int(p[k])
+        for i, n in enumerate(p.get("rrl", ())[: len(rrl)]):
+            rrl[i] += int(n)
     into.queries = queries
     into.answers_by_site = by_site
+    into.rrl = rrl
     for k, v in totals.items():
         setattr(into, k, v)
 
@@ -115,6 +121,8 @@ class WorkerPool:
         holder: ViewHolder,
         stats: Stats,
         extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.config_path = config_path
         self.listen = listen
@@ -122,6 +130,10 @@ class WorkerPool:
         self.holder = holder
         self.stats = stats
         self.extra_args = extra_args or []
+        # added to each worker's environment, and descriptors it inherits (the shared
+        # RRL table's memfd, named in the environment)
+        self.env = env or {}
+        self.pass_fds = pass_fds
         self.workers = [_Worker(i) for i in range(count)]
         self.ready = asyncio.Event()
         self._ready_count = 0
@@ -145,7 +157,11 @@ class WorkerPool:
 
     async def _spawn(self, w: _Worker) -> None:
         w.proc = await asyncio.create_subprocess_exec(
-            *self._cmd(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *self._cmd(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env},
+            pass_fds=self.pass_fds,
         )
         w.reader = asyncio.create_task(self._read(w))
         self._send(w, encode_states(self.holder.view.geo))
