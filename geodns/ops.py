@@ -771,6 +771,25 @@ class Api:
             )
         return _json(_page_by_name(rows, params))
 
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        """Nodes sharing the store: last heartbeat, fresh or not, their votes; the quorum."""
+        _query(request, ())
+        health = self._health()
+        snapshot = None
+        if not health.shared:  # a lone node keeps no snapshot: read one now
+            store = self.app.store
+            if store is None:
+                raise ApiError(503, "no state store: nodes are unknown")
+            try:
+                snapshot = await asyncio.to_thread(store.quorum_snapshot)
+            except StoreError as exc:
+                raise ApiError(503, f"state store unreachable: {exc}") from None
+        out = health.nodes_report(snapshot)
+        out["quorum"]["last_sync_at"] = _ts(out["quorum"]["last_sync_at"])
+        for node in out["nodes"]:
+            node["last_seen"] = _ts(node["last_seen"])
+        return _json(out)
+
     async def reload(self, request: web.Request) -> web.Response:
         _query(request, ())
         if await _read_json(request, self.max_body) is not None:
@@ -845,6 +864,7 @@ def make_web_app(
         ("DELETE", "/v1/sites/{name}/override", api.delete_override),
         ("GET", "/v1/audit", api.list_audit),
         ("GET", "/v1/zones", api.list_zones),
+        ("GET", "/v1/nodes", api.list_nodes),
         ("POST", "/v1/reload", api.reload),
         ("GET", "/v1/explain", api.explain),
     ):
@@ -1055,6 +1075,42 @@ _SCHEMAS: dict[str, Any] = {
             "version": {"type": ["integer", "null"]},
             "error": _STR_OR_NULL,
             "error_at": _TIME,
+        }
+    ),
+    "Nodes": _obj(
+        {
+            "node_id": _STR_OR_NULL,
+            "quorum": _obj(
+                {
+                    "mode": {"enum": ["auto", "on", "off"]},
+                    "active": {"type": "boolean", "description": "deciding by quorum now"},
+                    "min_votes": {"type": "integer"},
+                    "store_reachable": {"type": "boolean"},
+                    "error": _STR_OR_NULL,
+                    "last_sync_at": _TIME,
+                    "no_quorum_sites": _STRS,
+                }
+            ),
+            "nodes": {"type": "array", "items": _ref("Node")},
+        }
+    ),
+    "Node": _obj(
+        {
+            "node_id": _STR,
+            "last_seen": _TIME,
+            "age_s": {
+                "type": ["number", "null"],
+                "description": "seconds since its last heartbeat, on the database's clock",
+            },
+            "fresh": {"type": "boolean", "description": "heartbeat within the lease"},
+            "voting": {"type": "boolean"},
+            "frozen": {"type": "boolean"},
+            "stale_sites": _STRS,
+            "votes": {
+                "type": "object",
+                "description": "site (or site/address) -> its observed health",
+                "additionalProperties": {"enum": ["unknown", "up", "down"]},
+            },
         }
     ),
     "ReloadResult": _obj(
@@ -1278,6 +1334,16 @@ def openapi_spec() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _page("Zone")}},
                     },
                     **_errors(400, 401),
+                },
+            }
+        },
+        "/v1/nodes": {
+            "get": {
+                "summary": "Nodes sharing the state store: last seen, fresh, votes; the quorum",
+                **read,
+                "responses": {
+                    "200": _resp("the nodes and the quorum settings", "Nodes"),
+                    **_errors(400, 401, 503),
                 },
             }
         },
