@@ -34,6 +34,7 @@ SOURCE_PREFIX_V6 = 56
 
 @dataclass(slots=True)
 class _Entry:
+    epoch: int  # catalog.changes when last known valid
     info: CacheInfo
     tail: bytes | None  # reply[2:] when the reply does not depend on the source
     # source network -> (reply[2:], sites answered) for answers located by the source
@@ -55,6 +56,7 @@ class PacketCache:
 
     def __init__(self, handler: Handler, max_entries: int = 100_000) -> None:
         self.handler = handler
+        self.catalog = handler.holder.view.catalog  # shared by every View
         self.max_entries = max_entries
         self.udp: dict[bytes, _Entry] = {}
         self.tcp: dict[bytes, _Entry] = {}
@@ -83,7 +85,8 @@ class PacketCache:
         cache = self.udp if transport is Transport.UDP else self.tcp
         key = data[2:]
         entry = cache.get(key)
-        if entry is not None and self._valid(entry.info):
+        changes = self.catalog.changes
+        if entry is not None and (entry.epoch == changes or self._revalidate(entry, changes)):
             tail = entry.tail
             sites = entry.info.sites
             if tail is None and entry.by_source is not None:
@@ -113,7 +116,7 @@ class PacketCache:
         if len(cache) >= self.max_entries:
             cache.clear()  # simple and bounded; a full cache refills in one pass
         if not info.by_source:
-            cache[key] = _Entry(info, reply[2:], None)
+            cache[key] = _Entry(changes, info, reply[2:], None)
             return reply
         source, width = _source_key(addr[0])
         if info.scope > width:
@@ -124,11 +127,18 @@ class PacketCache:
             or not self._valid(entry.info)
             or not self._same(entry.info, info)
         ):
-            entry = _Entry(info, None, {})
+            entry = _Entry(changes, info, None, {})
             cache[key] = entry
         assert entry.by_source is not None
         entry.by_source[source] = (reply[2:], info.sites)
         return reply
+
+    def _revalidate(self, entry: _Entry, changes: int) -> bool:
+        """Something was published since the entry was checked: check what it used."""
+        if self._valid(entry.info):
+            entry.epoch = changes
+            return True
+        return False
 
     def _same(self, a: CacheInfo, b: CacheInfo) -> bool:
         """Two answers made from the same data (so one entry can hold both sources)."""

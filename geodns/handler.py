@@ -162,6 +162,7 @@ class Handler:
         """Swap the GeoIP lookup (a new database); cached answers made with it go stale."""
         self._locate = fn
         self.geo_generation += 1
+        self.holder.view.catalog.changes += 1
 
     # -- the entry point -------------------------------------------------------------
     def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:

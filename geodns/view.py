@@ -44,6 +44,9 @@ class Catalog:
         # bumped when a zone is added or removed (that changes which zone is the
         # longest match for some names); replacing a zone's snapshot does not bump it
         self.generation = 0
+        # bumped by every publish of anything (zone, health, GeoIP): the packet cache's
+        # fast path — an entry made at the current value needs no further checks
+        self.changes = 0
 
     def set(self, origin: bytes, zone: Zone | None) -> None:
         """Publish one zone snapshot (or mark it unloaded); other zones are untouched."""
@@ -54,12 +57,14 @@ class Catalog:
             # (REFUSED, SERVFAIL, a parent zone's) must not be reused
             self.generation += 1
         self.zones[origin] = zone
+        self.changes += 1
 
     def remove(self, origin: bytes) -> None:
         """Forget a zone: its names are REFUSED afterwards."""
         if origin in self.zones:
             del self.zones[origin]
             self.generation += 1
+            self.changes += 1
 
     def find(self, qname: bytes, offsets: tuple[int, ...], qtype: int) -> tuple[bool, Zone | None]:
         """Longest-suffix match in O(labels): (found, zone-or-None-if-unloaded).
@@ -98,3 +103,4 @@ class ViewHolder:
         """Replace the geo state (sites, pools, health) in one assignment."""
         self.generation += 1
         self.view = View(self.view.catalog, geo)
+        self.view.catalog.changes += 1
