@@ -531,7 +531,11 @@ class HealthManager:
                     )
                 )
             )
-        if ev.transition is not None:
+        spec = self.specs.get(ev.site)
+        if ev.transition is not None and (spec is None or spec.kind == "none"):
+            # a site without a check is UP by definition: no log line, no transition row
+            info.health, info.since = ev.transition[1], now
+        elif ev.transition is not None:
             old, new = ev.transition
             info.health, info.since = new, now
             reason = ev.result.error or ("check passed" if ev.result.ok else "check failed")
