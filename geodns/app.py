@@ -294,6 +294,7 @@ class App:
                 new = replace(new, server=replace(new.server, listen=self.config.server.listen))
             pools_changed = new.pools != self.config.pools
             self.config = new
+            self._reload_cookies()
             if self.health is not None:
                 self.health.update_config(new.sites, new.site_checks, new.pools)
             if pools_changed:
@@ -310,6 +311,17 @@ class App:
             "failed": report.failed,
             "removed": report.removed,
         }
+
+    def _reload_cookies(self) -> None:
+        """[cookies] from a reloaded config: a secret rotation (secret = new,
+        previous_secret = old, for the overlap period) takes effect without a restart.
+        With --workers, workers read [cookies] when they (re)start."""
+        c = self.config.cookies
+        if c.secret:
+            self.cookie_secret = bytes.fromhex(c.secret)
+        previous = bytes.fromhex(c.previous_secret) if c.previous_secret else None
+        self.handler.cookies = CookieJar(self.cookie_secret, previous)
+        self.handler.settings.cookies_require = c.require
 
     def reload_geoip(self) -> bool:
         """Reopen a replaced GeoIP database or switch to a newly installed one.
