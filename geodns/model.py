@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,10 +48,19 @@ class Site:
     weight: int = 1
     # maximum share of the pool's answers (0 < capacity <= 1); 1.0 = no cap
     capacity: float = 1.0
+    # weight of individual addresses among the site's addresses (missing: 1)
+    address_weights: tuple[tuple[str, int], ...] = ()
 
     def addresses(self, family: int) -> tuple[str, ...]:
         """The site's addresses of one family (4 or 6)."""
         return self.ipv4 if family == 4 else self.ipv6
+
+    def address_weight(self, address: str) -> int:
+        """The weight of one of the site's addresses among its others (default 1)."""
+        for a, w in self.address_weights:
+            if a == address:
+                return w
+        return 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,13 @@ class Rule:
     kind: str
     match: str
     sites: tuple[str, ...]
+    # sites of equal preference, in order (a nested list in the config); empty: every
+    # site of `sites` is its own rank
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    def ranks(self) -> tuple[tuple[str, ...], ...]:
+        """`sites` as groups of equally good sites, best first."""
+        return self.groups or tuple((s,) for s in self.sites)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +90,12 @@ class Pool:
     Rules are tried most specific first (cidr by prefix length, then country, then
     continent). With no matching rule, `fallback` decides: "nearest" (great-circle
     distance to the client) or "default" (the `default` list in order).
+
+    Load balancing (see README "Load balancing"): sites of equal rank (a group in a rule
+    or the default list, or nearest sites within `tie_km` of each other) share clients
+    by Site.weight; `max_answers` caps the addresses per answer; `answer_order` says
+    how a choice among equals is made: "sticky" (by a hash of the client's /24 or /56,
+    the ECS scope covers it) or "shuffle" (rotating pre-rendered orderings).
     """
 
     name: str
@@ -80,6 +103,16 @@ class Pool:
     rules: tuple[Rule, ...] = ()
     fallback: str = "nearest"
     default: tuple[str, ...] = ()
+    default_groups: tuple[tuple[str, ...], ...] = ()
+    tie_km: float = 0.0
+    max_answers: int = 0  # 0: every address of the chosen sites
+    answer_order: str = "sticky"  # sticky | shuffle
+    window_s: float = 60.0  # capacity shares are measured over this window
+    ttl_under_change_s: int = 0  # 0: answers keep the name's TTL while sites change
+
+    def default_ranks(self) -> tuple[tuple[str, ...], ...]:
+        """The default list as groups of equally good sites, best first."""
+        return self.default_groups or tuple((s,) for s in self.default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +124,18 @@ class SiteState:
     # per-address observed health, for address-level checks; missing = follows site
     address_down: frozenset[str] = frozenset()
     stale: bool = False
+    # flap damping: held DOWN (until `damped_until`) for changing state too often;
+    # addresses checked one by one can be held alone (they are in address_down too)
+    damped: bool = False
+    damped_until: float | None = None
+    damped_addresses: frozenset[str] = frozenset()
+    # slow start / ramped drain: the share (0..1) of the site's clients it answers now,
+    # chosen by a hash of the client prefix; ramp_kind "up" (failback) or "down" (drain)
+    ramp: float = 1.0
+    ramp_kind: str = ""
+    ramp_until: float | None = None
+    # ramping, damped or changed state recently: its pools answer with a shorter TTL
+    changing: bool = False
 
     @property
     def drained(self) -> bool:
@@ -98,12 +143,32 @@ class SiteState:
 
     @property
     def usable(self) -> bool:
-        """Effective health: override first, then observation (UNKNOWN counts as UP)."""
+        """Effective health: override first, then flap damping, then observation
+        (UNKNOWN counts as UP)."""
         if self.override is Override.DOWN:
             return False
         if self.override is Override.UP:
             return True
+        if self.damped:
+            return False
         return self.observed is not Health.DOWN
+
+
+@dataclass(frozen=True, slots=True)
+class PoolBalance:
+    """Capacity spill-over of one pool, as the last window measured it (part of a View).
+
+    `offered_share[site]`: the share of the pool's answers (on this node, over the
+    window) for which the site was the first choice still standing when capacity was
+    checked: the answers it got plus those it passed on. `spill[site]`: the fraction of
+    its clients (by a hash of the client prefix) sent to the next site,
+    1 - capacity / offered_share when positive.
+    """
+
+    spill: Mapping[str, float] = field(default_factory=dict)
+    offered_share: Mapping[str, float] = field(default_factory=dict)
+    answers: int = 0  # answers of the pool in the window the shares come from
+    window_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +202,18 @@ class Decision:
     # True: answer with the ordinary zone-file record (client unlocatable and no default
     # rule, or every member drained). False with no sites: NODATA.
     use_zone_record: bool = False
+    # the addresses to answer with, in order (None: every usable address of `sites`)
+    addresses: tuple[str, ...] | None = None
+    # a hash of the client prefix chose (weights, ramp, capacity): scope covers it
+    hashed: bool = False
+    # answer_order "shuffle": the answer is one of `rotations` orderings (1: fixed)
+    rotations: int = 1
+    # sites passed over for this client: (site, "capacity" | "ramp" | "damped", detail)
+    passed: tuple[tuple[str, str, str], ...] = ()
+    # sites whose capacity share this answer counts toward (see PoolBalance)
+    offered: tuple[str, ...] = ()
+    # a member of the pool is changing (ramp, damping, recent flip): TTL at most this
+    ttl_cap_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,11 @@ Order of preference, most specific first:
 3. if the default list has no usable site either, the other members (nearest first
    when the client is located, else in pool order): a healthy site beats a dead one.
 
+Within that order, sites of equal rank (a nested list in a rule or the default list,
+or nearest sites within the pool's `tie_km` of each other) share clients by weight,
+and ramps and capacity move a hashed share of a site's clients to the next site (the
+next tier when the tier has no other): see `_Walk`.
+
 A client without coordinates cannot be ranked by distance: with fallback "nearest"
 it gets the `default` list if there is one, else the zone file's own record.
 """
@@ -22,13 +27,25 @@ it gets the `default` list if there is one, else the zone file's own record.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
-from .model import Decision, IPNetwork, Location, Override, Pool, Rule, Site, SiteState
+from . import balance as balance_mod
+from .balance import HASH_PREFIX_V4, HASH_PREFIX_V6
+from .model import (
+    Decision,
+    IPNetwork,
+    Location,
+    Override,
+    Pool,
+    PoolBalance,
+    Rule,
+    Site,
+    SiteState,
+)
 
-__all__ = ["CompiledPool", "compile_pool", "decide"]
+__all__ = ["CompiledPool", "compile_pool", "decide", "spread"]
 
 # Mean Earth radius (IUGG), the usual constant for haversine distances.
 _EARTH_RADIUS_KM = 6371.0088
@@ -61,7 +78,14 @@ def compile_pool(pool: Pool) -> CompiledPool:
     for configured in pool.rules:
         # A site named twice in one rule would be answered twice; keep the first.
         sites = tuple(dict.fromkeys(configured.sites))
-        rule = Rule(configured.kind, configured.match, sites)
+        groups: list[tuple[str, ...]] = []
+        seen: set[str] = set()
+        for g in configured.groups:
+            fresh = tuple(n for n in dict.fromkeys(g) if n not in seen)
+            seen.update(fresh)
+            if fresh:
+                groups.append(fresh)
+        rule = Rule(configured.kind, configured.match, sites, tuple(groups))
         if rule.kind == "cidr":
             net = ip_network(rule.match, strict=False)
             if isinstance(net, IPv4Network):
@@ -109,20 +133,31 @@ def decide(
     family: int,
     count: int = 1,
     all_down: str = "open",
+    *,
+    balance: PoolBalance | None = None,
+    rotation: int = 0,
 ) -> Decision:
     """Choose up to `count` sites of `pool` for `client` and an A (4) / AAAA (6) record.
 
-    Health: a site is usable when `states[name].usable` (override first, then
-    observation) and, if its addresses are checked one by one, at least one address
-    of `family` is not observed down. Fail-open: when no candidate is usable but some
-    are down only by observation (not drained by an operator), the checks are
-    ignored and the best non-drained sites are answered (a check that fails
-    everywhere at once is more likely broken than the whole fleet);
+    Health: a site is usable when `states[name].usable` (override first, then flap
+    damping, then observation) and, if its addresses are checked one by one, at least
+    one address of `family` is not observed down. Fail-open: when no candidate is
+    usable but some are down only by observation or damping (not drained by an
+    operator), the checks are ignored and the best non-drained sites are answered (a
+    check that fails everywhere at once is more likely broken than the whole fleet);
     `all_down="empty"` answers NODATA instead. When every candidate is drained the
     zone file's record answers (`use_zone_record=True`).
 
+    Balancing (see `_Walk`): among equally good sites the pool's weights decide; a site
+    ramping (`SiteState.ramp` < 1) keeps only that share of its clients, and a site over
+    its capacity (`balance.spill`) passes that fraction on; the clients moved are chosen
+    by a hash of the client prefix, so each client always gets the same answer for the
+    same view. With `answer_order = "shuffle"`, choices among equals take ordering
+    `rotation` of `Decision.rotations`.
+
     `Decision.scope` is a prefix length of the client's address family over which
-    every input of this decision is constant (see `_scope`).
+    every input of this decision is constant (see `_scope`); when a client-prefix hash
+    decided, at least /24 (IPv4) or /56 (IPv6).
     """
     compiled = _compiled(pool)
     members = compiled.pool.members
@@ -154,23 +189,59 @@ def decide(
     tiers, rule_line = _tiers(compiled, client, location, candidates, distance_km)
     trace.append(rule_line)
 
+    walk = _Walk(
+        compiled.pool,
+        sites,
+        states,
+        balance_mod.client_key(client),
+        count,
+        balance,
+        rotation,
+        trace,
+    )
     sites_out: tuple[str, ...] = ()
     label: str | None = None
     use_zone_record = False
-    for tier_label, order in tiers:
+    # usable sites some tier can answer with: the last of them never passes a client on
+    reachable = {
+        n
+        for tl, groups in tiers
+        if tl != _ZONE_RECORD
+        for g in groups
+        for n in g
+        if health[n] == "up"
+    }
+    for tier_label, groups in tiers:
         if tier_label == _ZONE_RECORD:
             trace.append("unlocatable and no default list: zone record")
             use_zone_record = True
             break
-        usable = [n for n in order if health[n] == "up"]
-        if usable:
-            sites_out, label = _take(usable, count), tier_label
+        usable = [[n for n in g if n in reachable] for g in groups]
+        usable = [g for g in usable if g]
+        if not usable:
+            flat = [n for g in groups for n in g]
+            if flat:
+                trace.append(f"{tier_label}: no usable site among {', '.join(flat)}")
+            continue
+        if tier_label in ("nearest", "members") and distance_km is not None:
+            usable = _tie_groups([n for g in usable for n in g], distance_km, compiled.pool.tie_km)
+        kept = walk.tier(tier_label, usable, reachable)
+        if kept:
+            sites_out, label = kept, tier_label
             break
-        if order:
-            trace.append(f"{tier_label}: no usable site among {', '.join(order)}")
+    if not sites_out and not use_zone_record and walk.first is not None:
+        # Every usable site passed this client on (ramp or capacity) with nowhere left
+        # to go: the first of them answers after all.
+        sites_out, label = (walk.first[1],), walk.first[0]
+        walk.offered = [walk.first[1]]
+        trace.append(f"nowhere to move the client: {walk.first[1]} answers")
 
     if not sites_out and not use_zone_record:
-        ranked = list(dict.fromkeys(n for tl, order in tiers if tl != _ZONE_RECORD for n in order))
+        ranked = list(
+            dict.fromkeys(
+                n for tl, groups in tiers if tl != _ZONE_RECORD for g in groups for n in g
+            )
+        )
         undrained = [n for n in ranked if health[n] != "drained"]
         if not undrained:
             trace.append("all candidates drained: zone record")
@@ -179,17 +250,270 @@ def decide(
             trace.append("all candidates observed DOWN and all_down=empty: NODATA")
         else:
             trace.append("fail-open: all candidates observed DOWN, ignoring checks")
-            sites_out = _take(undrained, count)
-            label = next(tl for tl, order in tiers if sites_out[0] in order)
+            sites_out = tuple(undrained[: max(count, 1)])
+            label = next(tl for tl, groups in tiers if any(sites_out[0] in g for g in groups))
 
+    addresses: tuple[str, ...] | None = None
     if sites_out:
         trace.append("chosen: " + ", ".join(sites_out))
+        addresses = walk.addresses(sites_out, family)
+    if walk.hashed:
+        need = HASH_PREFIX_V4 if client.version == 4 else HASH_PREFIX_V6
+        if need > scope:
+            scope, scope_why = need, f" (client prefix hash: /{need})"
+    ttl_cap = _ttl_cap(compiled.pool, states, candidates)
+    if ttl_cap is not None:
+        trace.append(f"ttl: at most {ttl_cap} s while a member changes state")
     trace.append(f"scope: /{scope}{scope_why}")
-    return Decision(sites_out, scope, tuple(trace), label, use_zone_record)
+    return Decision(
+        sites_out,
+        scope,
+        tuple(trace),
+        label,
+        use_zone_record,
+        addresses=addresses,
+        hashed=walk.hashed,
+        rotations=walk.rotations,
+        passed=tuple(walk.passed),
+        offered=tuple(walk.offered) if sites_out else (),
+        ttl_cap_s=ttl_cap,
+    )
 
 
 # A pseudo-tier: "answer with the zone file's record" (unlocatable client, no default).
 _ZONE_RECORD = "zone record"
+
+
+class _Walk:
+    """One client's way down the preference tiers: weights, ramps, capacity spill-over.
+
+    For each tier (best first) the usable sites come in groups of equal rank. Within a
+    group of several, the order is by weight: a weighted rendezvous hash of the client
+    prefix ("sticky") or a rotating weighted ordering ("shuffle"); when every usable
+    site of the tier will be answered anyway, the configured order stays. Then each
+    site in turn: a ramping site keeps the client only if the client's hash falls in
+    its ramp share; the first site answering must also keep the client under its
+    capacity spill fraction. A passed-over client goes to the next site, then the next
+    tier. The last usable site is never passed over (nowhere to go).
+
+    `key` is the client's hashing prefix (`balance.client_key`); `trace` None skips
+    the explanations (simulations).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        sites: Mapping[str, Site],
+        states: Mapping[str, SiteState],
+        key: int,
+        count: int,
+        balance: PoolBalance | None,
+        rotation: int,
+        trace: list[str] | None,
+    ) -> None:
+        self.pool = pool
+        self.sites = sites
+        self.states = states
+        self.key = key
+        self.count = max(count, 1)
+        self.spill: Mapping[str, float] = balance.spill if balance is not None else {}
+        self.shares: Mapping[str, float] = balance.offered_share if balance is not None else {}
+        self.shuffle = pool.answer_order == "shuffle"
+        self.rotation = rotation
+        self.trace = trace
+        self.hashed = False
+        self.rotations = 1
+        self.passed: list[tuple[str, str, str]] = []
+        self.offered: list[str] = []
+        self.visited: set[str] = set()
+        self.first: tuple[str, str] | None = None  # (tier, site) first usable seen
+        self._prep: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+
+    def reset(self, key: int) -> None:
+        """Start again for another client (simulations reuse one walk)."""
+        self.key = key
+        self.hashed = False
+        self.rotations = 1
+        self.passed = []
+        self.offered = []
+        self.visited = set()
+        self.first = None
+
+    def _order_sites(self, group: list[str]) -> list[str]:
+        """A group of equally good sites in weighted order for this client."""
+        if self.shuffle or self.trace is not None:
+            return self._order(group, [self.sites[n].weight for n in group], "site", "among")
+        # the simulation path: same ordering, weights and salts looked up once
+        prep = self._prep.get(tuple(group))
+        if prep is None:
+            weights = [self.sites[n].weight for n in group]
+            salts = [balance_mod.salt(n, "site") for n in group]
+            prep = self._prep[tuple(group)] = (weights, salts)
+        self.hashed = True
+        return balance_mod.order_by_race(group, prep[0], prep[1], self.key)
+
+    def _order(self, names: list[str], weights: list[int], purpose: str, what: str) -> list[str]:
+        """A group of equals in weighted order for this client (or this rotation)."""
+        if self.shuffle:
+            r = balance_mod.rotations_for(weights)
+            self.rotations = math.lcm(self.rotations, r)
+            order = balance_mod.rotation_order(names, weights, self.rotation)
+            how = f"rotation {self.rotation % r} of {r}"
+        else:
+            self.hashed = True
+            order = balance_mod.weighted_order(names, weights, self.key, purpose)
+            how = "client prefix hash"
+        if self.trace is not None:
+            listed = ", ".join(f"{n} ({w})" for n, w in zip(names, weights, strict=True))
+            self.trace.append(f"weights: {what} {listed} -> {', '.join(order)} by {how}")
+        return order
+
+    def tier(self, label: str, groups: list[list[str]], reachable: set[str]) -> tuple[str, ...]:
+        """The sites this tier answers the client with (empty: all passed it on)."""
+        visited = self.visited  # a subset of `reachable`
+        if visited:
+            groups = [left for g in groups if (left := [n for n in g if n not in visited])]
+        ranked: list[str] = []
+        if self.count < sum(map(len, groups)):
+            for g in groups:
+                ranked += self._order_sites(g) if len(g) > 1 else g
+        else:
+            for g in groups:
+                ranked += g
+        kept: list[str] = []
+        trace = self.trace
+        for n in ranked:
+            if len(kept) >= self.count:
+                break
+            visited.add(n)
+            if self.first is None:
+                self.first = (label, n)
+            last = not kept and len(visited) >= len(reachable)
+            state = self.states.get(n, _HEALTHY)
+            if state.ramp < 1.0 and not last:
+                self.hashed = True
+                u = balance_mod.unit(self.key, balance_mod.salt(n, "ramp"))
+                if u >= state.ramp:
+                    self.passed.append((n, "ramp", _ramp_why(state, u)))
+                    if trace is not None:
+                        trace.append(f"ramp: {n} passes this client on ({_ramp_why(state, u)})")
+                    continue
+                if trace is not None:
+                    trace.append(f"ramp: {n} keeps this client ({_ramp_why(state, u)})")
+            spill = self.spill.get(n, 0.0)
+            if not kept and spill > 0.0 and not last:
+                self.hashed = True
+                u = balance_mod.unit(self.key, balance_mod.salt(n, "capacity"))
+                if u < spill:
+                    self.offered.append(n)
+                    why = self._capacity_why(n, spill, u)
+                    self.passed.append((n, "capacity", why))
+                    if trace is not None:
+                        trace.append(f"capacity: {n} passes this client on ({why})")
+                    continue
+                if trace is not None:
+                    why = self._capacity_why(n, spill, u)
+                    trace.append(f"capacity: {n} keeps this client ({why})")
+            if not kept:
+                self.offered.append(n)
+            kept.append(n)
+        return tuple(kept)
+
+    def _capacity_why(self, site: str, spill: float, u: float) -> str:
+        share = self.shares.get(site, 0.0)
+        cap = self.sites[site].capacity
+        return (
+            f"capacity {cap:.0%}, offered {share:.1%} of the pool's answers: "
+            f"{spill:.1%} of its clients move on, client hash {u:.3f}"
+        )
+
+    def addresses(self, chosen: tuple[str, ...], family: int) -> tuple[str, ...] | None:
+        """The answer's addresses in order, or None for every usable one as configured.
+
+        Each chosen site's usable addresses, best site first; with `max_answers` set and
+        more addresses than that, each site's addresses are put in weighted order (by
+        the client hash, or rotated) and the list is cut to max_answers. "shuffle"
+        rotates the addresses of each site even when all are answered.
+        """
+        per_site: list[list[str]] = []
+        for n in chosen:
+            state = self.states.get(n, _HEALTHY)
+            configured = self.sites[n].addresses(family)
+            per_site.append([a for a in configured if a not in state.address_down])
+        total = sum(len(a) for a in per_site)
+        cap = self.pool.max_answers
+        cut = 0 < cap < total
+        if not cut and not (self.shuffle and any(len(a) > 1 for a in per_site)):
+            return None
+        out: list[str] = []
+        for n, usable in zip(chosen, per_site, strict=True):
+            if len(usable) > 1:
+                weights = [self.sites[n].address_weight(a) for a in usable]
+                usable = self._order(usable, weights, "address", f"addresses of {n}:")
+            out.extend(usable)
+        if cut:
+            out = out[:cap]
+            if self.trace is not None:
+                self.trace.append(f"max_answers {cap}: " + ", ".join(out))
+        return tuple(out)
+
+
+def _ramp_why(state: SiteState, u: float) -> str:
+    kind = "ramped drain" if state.ramp_kind == "down" else "slow start"
+    return f"{kind}: answers {state.ramp:.0%} of its clients, client hash {u:.3f}"
+
+
+def spread(
+    pool: Pool,
+    sites: Mapping[str, Site],
+    states: Mapping[str, SiteState],
+    groups: Sequence[Sequence[str]],
+    keys: Iterable[int],
+    *,
+    count: int = 1,
+    balance: PoolBalance | None = None,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Where clients go within one tier of usable site groups: (answered, offered).
+
+    The per-client part of decide() (weights, ramps, capacity; no tracing) for many
+    hashing keys (`balance.client_key`) at once: for simulations and capacity planning.
+    `answered[site]` counts clients whose first answered site it is, `offered[site]`
+    those counted toward its capacity share (see PoolBalance).
+    """
+    tier = [list(g) for g in groups]
+    reachable = {n for g in tier for n in g}
+    answered: dict[str, int] = {}
+    offered: dict[str, int] = {}
+    walk = _Walk(pool, sites, states, 0, count, balance, 0, None)
+    for key in keys:
+        walk.reset(key)
+        kept = walk.tier("simulated", tier, reachable)
+        answered[kept[0]] = answered.get(kept[0], 0) + 1
+        for n in walk.offered:
+            offered[n] = offered.get(n, 0) + 1
+    return answered, offered
+
+
+def _tie_groups(
+    ordered: Sequence[str], distance_km: Mapping[str, float], tie_km: float
+) -> list[list[str]]:
+    """Nearest-first sites grouped as equally good: within tie_km of the group's first."""
+    groups: list[list[str]] = []
+    for n in ordered:
+        if groups and distance_km[n] - distance_km[groups[-1][0]] <= tie_km:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+def _ttl_cap(pool: Pool, states: Mapping[str, SiteState], candidates: Sequence[str]) -> int | None:
+    """The pool's TTL under change when one of its sites is changing, else None."""
+    if pool.ttl_under_change_s <= 0:
+        return None
+    if any(states.get(n, _HEALTHY).changing for n in pool.members):
+        return pool.ttl_under_change_s
+    return None
 
 
 def _tiers(
@@ -198,32 +522,43 @@ def _tiers(
     location: Location | None,
     candidates: Sequence[str],
     distance_km: Mapping[str, float] | None,
-) -> tuple[list[tuple[str, list[str]]], str]:
-    """The preference lists to try in order, each (label, sites), and the rule trace."""
+) -> tuple[list[tuple[str, list[list[str]]]], str]:
+    """The preference tiers to try in order, each (label, groups of equally good
+    sites), and the rule trace. Nearest and member tiers are regrouped by tie_km
+    over their usable sites by the caller."""
     pool = compiled.pool
     in_family = set(candidates)
-    tiers: list[tuple[str, list[str]]] = []
+    tiers: list[tuple[str, list[list[str]]]] = []
+
+    def present(ranks: Sequence[Sequence[str]]) -> list[list[str]]:
+        groups = [[n for n in g if n in in_family] for g in ranks]
+        return [g for g in groups if g]
 
     label, rule = _match_rule(compiled, client, location)
     if rule is not None:
-        rule_line = f"rule: {label} -> {', '.join(rule.sites)}"
-        tiers.append((label, [n for n in rule.sites if n in in_family]))
+        shown = " > ".join("=".join(g) for g in rule.ranks())
+        rule_line = (
+            f"rule: {label} -> {shown}"
+            if rule.groups
+            else f"rule: {label} -> {', '.join(rule.sites)}"
+        )
+        tiers.append((label, present(rule.ranks())))
     else:
         rule_line = "rule: none matches"
 
     nearest = (
         sorted(candidates, key=lambda n: (distance_km[n], n)) if distance_km is not None else None
     )
-    default = [n for n in dict.fromkeys(pool.default) if n in in_family]
     if pool.fallback == "nearest" and nearest is not None:
-        tiers.append(("nearest", nearest))
+        tiers.append(("nearest", [[n] for n in nearest]))
     elif pool.default:
+        default = present(pool.default_ranks())
         tiers.append(("default", default))
         # The default list exhausted: any other member, nearest first when located.
-        in_default = set(default)
+        in_default = {n for g in default for n in g}
         rest = [n for n in (nearest or candidates) if n not in in_default]
         if rest:
-            tiers.append(("members", rest))
+            tiers.append(("members", [[n] for n in rest]))
     else:
         tiers.append((_ZONE_RECORD, []))
     return tiers, rule_line
@@ -298,21 +633,13 @@ def _scope(
     return min(scope, width), why
 
 
-def _take(order: Sequence[str], count: int) -> tuple[str, ...]:
-    """The first `count` sites of a preference list.
-
-    The one place that picks among equally acceptable sites: weights and capacity
-    (Site.weight / Site.capacity, with an rng passed in) plug in here.
-    """
-    return tuple(order[: max(count, 1)])
-
-
 def _health(site: Site, state: SiteState, family: int) -> str:
-    """'up', 'down' (observed) or 'drained' (operator override DOWN) for one family."""
+    """'up', 'down' (observed), 'damped' (held DOWN for flapping) or 'drained'
+    (operator override DOWN) for one family."""
     if state.drained:
         return "drained"
     if not state.usable:
-        return "down"
+        return "damped" if state.damped and state.override is Override.OBEY else "down"
     if (
         state.address_down
         and state.override is not Override.UP
