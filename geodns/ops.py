@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import metrics, pick
+from .answershare import AnswerWindow
 from .config import Config, parse_listen
 from .errors import ConfigError, StoreError
 from .explain import ExplainError, explain
@@ -60,7 +62,26 @@ MAX_EXPIRES_IN_S = 366 * 86400.0
 GENERATED_TOKEN_NAME = "admin"
 PROBLEM_JSON = "application/problem+json"
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
-_OPEN_PATHS = frozenset({"/healthz"})  # liveness probes never need a token
+# liveness probes and the status page's files never need a token (the page asks for
+# one and sends it with its own API calls)
+_OPEN_PATHS = frozenset({"/healthz", "/"})
+_OPEN_PREFIX = "/static/"
+# the status page (geodns/static, package data): same-origin only, nothing inline
+_STATIC = importlib.resources.files("geodns") / "static"
+_STATIC_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 # --------------------------------------------------------------------------- errors
@@ -277,6 +298,7 @@ class ApiServer:
         self.plan = plan
         self.web = make_web_app(app, tokens, reads_need_token=plan.reads_need_token)
         self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         runner = web.AppRunner(self.web, shutdown_timeout=1.0)
@@ -292,6 +314,7 @@ class ApiServer:
                 exc.errno, f"ops API cannot listen on {self.plan.host}:{self.plan.port}: {exc}"
             ) from exc
         self._runner = runner
+        self._sampler = asyncio.create_task(self.web[API_KEY].answers.run())
         for host, port in self.addresses:
             log.info("serving the ops API on %s://%s:%d", self.plan.scheme, host, port)
 
@@ -302,6 +325,9 @@ class ApiServer:
         return [(a[0], a[1]) for a in self._runner.addresses]
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -420,6 +446,8 @@ class Api:
         self.reads_need_token = reads_need_token
         self.registry = metrics.make_registry(app)
         self.max_body = app.config.api.max_body_bytes
+        # each site's share of answers lately, sampled from the plain counters
+        self.answers = AnswerWindow(lambda: app.stats.answers_by_site)
 
     # -- auth ----------------------------------------------------------------------
     @web.middleware
@@ -432,7 +460,9 @@ class Api:
             raise info.http_exception  # unknown path (404) or method (405): nothing to guard
         who = token_name(self.tokens, request.headers.get("Authorization"))
         needed = request.method not in _READS or (
-            self.reads_need_token and request.path not in _OPEN_PATHS
+            self.reads_need_token
+            and request.path not in _OPEN_PATHS
+            and not request.path.startswith(_OPEN_PREFIX)
         )
         if needed and who is None:
             offered = "Authorization" in request.headers
@@ -841,6 +871,32 @@ class Api:
         _query(request, ())
         return _json(openapi_spec())
 
+    # -- the status page --------------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        """Each site's share of geo answers over the last few minutes."""
+        _query(request, ())
+        return _json(self.answers.share(self.app.holder.view.geo.sites))
+
+    async def index(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        return _static_file("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        return _static_file(request.match_info["file"])
+
+
+def _static_file(name: str) -> web.Response:
+    """One file of geodns/static (no subfolders, known types only), with page headers."""
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    kind = _STATIC_TYPES.get(suffix)
+    if kind is None or name.startswith(".") or "/" in name or "\\" in name:
+        raise ApiError(404, f"no such file: static/{name}")
+    try:
+        data = (_STATIC / name).read_bytes()
+    except OSError:
+        raise ApiError(404, f"no such file: static/{name}") from None
+    return web.Response(body=data, content_type=kind, charset="utf-8", headers=_PAGE_HEADERS)
+
 
 API_KEY = web.AppKey("api", Api)
 
@@ -867,6 +923,9 @@ def make_web_app(
         ("GET", "/v1/nodes", api.list_nodes),
         ("POST", "/v1/reload", api.reload),
         ("GET", "/v1/explain", api.explain),
+        ("GET", "/v1/stats", api.stats),
+        ("GET", "/", api.index),
+        ("GET", "/static/{file}", api.static),
     ):
         r.add_route(method, path, handler)
     web_app[API_KEY] = api
@@ -1123,6 +1182,23 @@ _SCHEMAS: dict[str, Any] = {
             "removed": _STRS,
         }
     ),
+    "AnswerShare": _obj(
+        {
+            "window_s": {"type": "number", "description": "the window asked of the sampler"},
+            "span_s": {"type": "number", "description": "seconds the counts cover"},
+            "total": {"type": "integer"},
+            "sites": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "site": _STR,
+                        "answers": {"type": "integer"},
+                        "share": {"type": ["number", "null"], "description": "0..1"},
+                    }
+                ),
+            },
+        }
+    ),
     "Explain": _obj(
         {
             "query": _obj({"name": _STR, "type": _STR, "client": _STR, "ecs": _STR_OR_NULL}),
@@ -1373,6 +1449,37 @@ def openapi_spec() -> dict[str, Any]:
                     },
                 ],
                 "responses": {"200": _resp("the decision", "Explain"), **_errors(400, 401)},
+            }
+        },
+        "/v1/stats": {
+            "get": {
+                "summary": "Each site's share of geo answers over the last few minutes",
+                **read,
+                "responses": {
+                    "200": _resp("answers by site since the oldest sample", "AnswerShare"),
+                    **_errors(400, 401),
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The status page (HTML; never needs a token, asks for one)",
+                "security": [{}],
+                "responses": {
+                    "200": {"description": "the page", "content": {"text/html": {}}},
+                    **_errors(400),
+                },
+            }
+        },
+        "/static/{file}": {
+            "get": {
+                "summary": "The status page's script, style sheet and map",
+                "security": [{}],
+                "parameters": [{"name": "file", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": {"description": "the file"},
+                    "404": {"description": "no such file", "content": _PROBLEM},
+                },
             }
         },
     }
