@@ -286,7 +286,9 @@ class RateLimiter:
         if partial is not None:
             key += bytes((src[whole] & partial,))
         h = siphash(self._key, key + kind)
-        tag = (h >> 32) | 1
+        # tag 0 marks an empty slot; a key whose tag is 0 "finds" an empty slot, whose
+        # tat of 0 is a full bucket: exactly what a new bucket is
+        tag = h >> 32
         i = (h & self._pair_mask) << 1
         tats, tags, lim = self._tats, self._tags, self._limited
         if tags[i] != tag:
