@@ -7,6 +7,9 @@ Key: (client network of the packet's source address -- /24 IPv4, /56 IPv6 by def
 never the ECS address, which the sender writes -- , response kind). The kind is made by
 `response_kind()`: an answer (or NODATA) for one QNAME, NXDOMAIN for one zone (random
 subdomains of a zone share one bucket), a referral out of one zone, or an error.
+Replies decided before the lookup (BADVERS, BADCOOKIE, FORMERR, NOTIMP, REFUSED for a
+class or a zone transfer, the cookie-only reply to QDCOUNT 0) are not charged: none is
+larger than the query plus an OPT record, so they amplify nothing.
 
 Bucket: a token bucket of `responses_per_s` tokens per second holding at most
 `responses_per_s * window_s` tokens (the burst), kept as one number, the GCRA
