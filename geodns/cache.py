@@ -18,6 +18,12 @@ answer is never served across a change:
 A geo answer decided on the packet source (no usable ECS) is kept per source /24
 (IPv4) or /56 (IPv6), and only when the decision's scope is no longer than that, i.e.
 the answer is the same for the whole network.
+
+Shuffled answers (a pool's `answer_order = "shuffle"`) are one of a few orderings
+(`CacheInfo.rotations`): the entry keeps one reply per ordering (and per source network
+when located by the source) and serves them in turn, so a hit costs one more dict
+lookup and the weights hold over consecutive answers. Answers with more orderings
+than balance.MAX_ROTATIONS are not cached.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .balance import MAX_ROTATIONS
 from .handler import CacheInfo, Handler
 from .model import Transport
 
@@ -36,9 +43,11 @@ SOURCE_PREFIX_V6 = 56
 class _Entry:
     epoch: int  # catalog.changes when last known valid
     info: CacheInfo
-    tail: bytes | None  # reply[2:] when the reply does not depend on the source
-    # source network -> (reply[2:], sites answered) for answers located by the source
-    by_source: dict[str, tuple[bytes, tuple[str, ...]]] | None
+    tail: bytes | None  # reply[2:] when the reply is the same for every source and turn
+    # (source network or "", rotation) -> (reply[2:], what it answered) for answers
+    # located by the source and/or shuffled
+    variants: dict[tuple[str, int], tuple[bytes, CacheInfo]] | None
+    turn: int = 0  # the next rotation of a shuffled answer
 
 
 def _source_key(host: str) -> tuple[str, int]:
@@ -86,13 +95,20 @@ class PacketCache:
         key = data[2:]
         entry = cache.get(key)
         changes = self.catalog.changes
+        turn: int | None = None
         if entry is not None and (entry.epoch == changes or self._revalidate(entry, changes)):
             tail = entry.tail
-            sites = entry.info.sites
-            if tail is None and entry.by_source is not None:
-                hit = entry.by_source.get(_source_key(addr[0])[0])
+            hit_info = entry.info
+            if tail is None and entry.variants is not None:
+                source = _source_key(addr[0])[0] if hit_info.by_source else ""
+                rotation = 0
+                if hit_info.rotations > 1:
+                    turn = entry.turn
+                    entry.turn = turn + 1
+                    rotation = turn % hit_info.rotations
+                hit = entry.variants.get((source, rotation))
                 if hit is not None:
-                    tail, sites = hit
+                    tail, hit_info = hit
             if tail is not None:
                 if entry.info.rrl_kind:
                     # RRL: a hit is charged like the miss that made it (UDP only)
@@ -100,37 +116,41 @@ class PacketCache:
                     if limited is not None:
                         return limited or None
                 self.hits += 1
-                hit_info = entry.info
                 stats = self.handler.stats
                 key_s = hit_info.stats_key
                 stats.queries[key_s] = stats.queries.get(key_s, 0) + 1
                 if hit_info.ecs:
                     stats.ecs_queries += 1
-                for site in sites:
-                    stats.answers_by_site[site] = stats.answers_by_site.get(site, 0) + 1
+                if hit_info.sites:
+                    stats.count_answer(hit_info.sites, hit_info.offered)
                 return data[:2] + tail
         self.misses += 1
-        reply, info = self.handler.process(data, addr, transport)
+        reply, info = self.handler.process(data, addr, transport, turn)
         if reply is None or info is None or len(data) < 12:
             return reply
         if len(cache) >= self.max_entries:
             cache.clear()  # simple and bounded; a full cache refills in one pass
-        if not info.by_source:
+        if not info.by_source and info.rotations == 1:
             cache[key] = _Entry(changes, info, reply[2:], None)
             return reply
-        source, width = _source_key(addr[0])
-        if info.scope > width:
-            return reply  # the answer differs inside the client's /24 (/56): not cached
+        if info.rotations > MAX_ROTATIONS:
+            return reply  # too many orderings to keep: not cached
+        source = ""
+        if info.by_source:
+            source, width = _source_key(addr[0])
+            if info.scope > width:
+                return reply  # the answer differs inside the client's /24 (/56): not cached
         if (
             entry is None
-            or entry.by_source is None
+            or entry.variants is None
             or not self._valid(entry.info)
             or not self._same(entry.info, info)
         ):
-            entry = _Entry(changes, info, None, {})
+            # the turn goes on from the one this reply took
+            entry = _Entry(changes, info, None, {}, info.turn + 1)
             cache[key] = entry
-        assert entry.by_source is not None
-        entry.by_source[source] = (reply[2:], info.sites)
+        assert entry.variants is not None
+        entry.variants[(source, info.turn % info.rotations)] = (reply[2:], info)
         return reply
 
     def _revalidate(self, entry: _Entry, changes: int) -> bool:
@@ -147,6 +167,8 @@ class PacketCache:
             and a.catalog_generation == b.catalog_generation
             and a.pools == b.pools
             and a.geo_generation == b.geo_generation
+            and a.by_source == b.by_source
+            and a.rotations == b.rotations
         )
 
     def clear(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,18 @@ class Stats:
     # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
     # limiter's own list when there is one
     rrl: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    # capacity accounting: (pool, site) -> answers that offered the site (it answered
+    # first, or passed the client on for capacity); (pool, "") -> the pool's answers
+    pool_offered: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def count_answer(self, sites: tuple[str, ...], offered: tuple[tuple[str, str], ...]) -> None:
+        """One geo answer: the sites in it, and its capacity accounting keys."""
+        by_site = self.answers_by_site
+        for site in sites:
+            by_site[site] = by_site.get(site, 0) + 1
+        pool_offered = self.pool_offered
+        for key in offered:
+            pool_offered[key] = pool_offered.get(key, 0) + 1
 
     def count(self, qtype: int, rcode: int, transport: Transport) -> None:
         key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
@@ -102,6 +115,10 @@ class CacheInfo:
     ecs: bool
     geo_generation: int  # GeoIP database generation
     rrl_kind: bytes = b""  # RRL kind key (UDP): a cache hit is charged as the miss was
+    offered: tuple[tuple[str, str], ...] = ()  # Stats.pool_offered keys to bump
+    # shuffled answers: the reply is ordering `turn % rotations` (1: one ordering)
+    rotations: int = 1
+    turn: int = 0
 
 
 # Locate the client: (address, family width) -> Location (geo.Locator.locate)
@@ -148,6 +165,8 @@ class Handler:
         self.is_special = is_special
         self.special_block = special_block
         self.stats = stats or Stats()
+        # answer_order "shuffle": the next rotation per pool (answers not from a cache)
+        self.turns: dict[str, int] = {}
         self.rrl = rrl  # response rate limiting of UDP replies (None: off)
         self.clock = clock  # RRL's clock; tests inject one
         if rrl is not None:
@@ -182,9 +201,12 @@ class Handler:
         return self._answer(q, addr, transport)[0]
 
     def process(
-        self, data: bytes, addr: tuple[str, int], transport: Transport
+        self, data: bytes, addr: tuple[str, int], transport: Transport, turn: int | None = None
     ) -> tuple[bytes | None, CacheInfo | None]:
-        """Like handle(), plus what a packet cache needs to reuse the reply (or None)."""
+        """Like handle(), plus what a packet cache needs to reuse the reply (or None).
+
+        `turn`: which rotation shuffled answers take (the cache's own counter); None:
+        the next of the handler's per-pool counter."""
         try:
             q = decode_query(data)
         except BadQuery:
@@ -192,11 +214,11 @@ class Handler:
         if q is None:
             self.stats.dropped += 1
             return None, None
-        return self._answer(q, addr, transport)
+        return self._answer(q, addr, transport, turn)
 
     # -- steps ----------------------------------------------------------------------
     def _answer(
-        self, q: Query, addr: tuple[str, int], transport: Transport
+        self, q: Query, addr: tuple[str, int], transport: Transport, turn: int | None = None
     ) -> tuple[bytes | None, CacheInfo | None]:
         edns = q.edns
         udp = transport is Transport.UDP
@@ -239,7 +261,7 @@ class Handler:
             # Zone transfer is not offered: geo answers cannot be transferred.
             return self._simple(q, REFUSED, edns, options, transport), None
 
-        steer = _Steer(self, q, addr) if self.decide is not None else None
+        steer = _Steer(self, q, addr, turn) if self.decide is not None else None
         view = self.holder.view
         ans = resolve(
             view,
@@ -261,9 +283,11 @@ class Handler:
                 act = self.rrl.check(addr[0], rrl_kind, self.clock())
                 if act:
                     return (self._slip(q, options) if act is Action.SLIP else None), None
+        offered: tuple[tuple[str, str], ...] = ()
         if ans.decision is not None:
-            for site in ans.decision.sites:
-                self.stats.answers_by_site[site] = self.stats.answers_by_site.get(site, 0) + 1
+            if steer is not None and steer.last is not None and steer.last[1] is ans.decision:
+                offered = _offered_keys(steer.last[0], ans.decision)
+            self.stats.count_answer(ans.decision.sites, offered)
         if edns is not None and edns.ecs is not None:
             # RFC 7871 §7.2.1: echo FAMILY, SOURCE and ADDRESS; SCOPE is ours.
             scope = ans.scope if steer is not None and ans.decision is not None else 0
@@ -288,6 +312,9 @@ class Handler:
             ecs=edns is not None and edns.ecs is not None,
             geo_generation=self.geo_generation,
             rrl_kind=rrl_kind,
+            offered=offered,
+            rotations=steer.rotations if steer is not None else 1,
+            turn=(steer.turn or 0) if steer is not None else 0,
         )
         return reply, info
 
@@ -432,15 +459,24 @@ class _Steer:
         "by_source",
         "client",
         "handler",
+        "last",
         "located",
         "location",
         "pools_used",
+        "rotations",
         "scope_override",
+        "turn",
         "used",
     )
 
-    def __init__(self, handler: Handler, q: Query, addr: tuple[str, int]) -> None:
+    def __init__(
+        self, handler: Handler, q: Query, addr: tuple[str, int], turn: int | None = None
+    ) -> None:
         self.handler = handler
+        # shuffled answers: the rotation this query takes (one for all its geo names)
+        self.turn = turn
+        self.rotations = 1
+        self.last: tuple[str, Decision] | None = None  # (pool, decision) of the last call
         self.location: Location | None = None
         self.located = False
         ecs = q.edns.ecs if q.edns is not None else None
@@ -484,6 +520,7 @@ class _Steer:
             h.decide,
         )
         decision = _DECISIONS.get(key)
+        balance = view.balance.get(geo.pool)
         if decision is None:
             decision = h.decide(
                 pool,
@@ -494,10 +531,37 @@ class _Steer:
                 family,
                 geo.count,
                 h.settings.all_down,
+                balance=balance,
             )
             if len(_DECISIONS) >= _MEMO_MAX:
                 _DECISIONS.clear()
             _DECISIONS[key] = decision
+        if decision.rotations > 1:
+            # answer_order "shuffle": one of a few orderings, in turn (memoized each)
+            if self.turn is None:
+                self.turn = h.turns.get(geo.pool, 0)
+                h.turns[geo.pool] = self.turn + 1
+            self.rotations = math.lcm(self.rotations, decision.rotations)
+            rotation = self.turn % decision.rotations
+            if rotation:
+                rkey = (*key, rotation)
+                turned = _DECISIONS.get(rkey)
+                if turned is None:
+                    turned = h.decide(
+                        pool,
+                        view.sites,
+                        view.states,
+                        client,
+                        self.location,
+                        family,
+                        geo.count,
+                        h.settings.all_down,
+                        balance=balance,
+                        rotation=rotation,
+                    )
+                    _DECISIONS[rkey] = turned
+                decision = turned
+        self.last = (geo.pool, decision)
         if not decision.sites:
             if self.scope_override is not None and not any(
                 view.sites[n].addresses(family) for n in pool.members if n in view.sites
@@ -507,19 +571,37 @@ class _Steer:
                 self.scope_override = 0
             return decision, None
         addrs: list[bytes] = []
-        for name in decision.sites:
-            site = view.sites[name]
-            state = view.states.get(name, _UP)
-            for a in site.addresses(family):
-                if a not in state.address_down:
-                    packed = _PACKED.get(a)
-                    if packed is None:
-                        packed = _PACKED[a] = ipaddress.ip_address(a).packed
-                    addrs.append(packed)
+        if decision.addresses is not None:
+            # weights or max_answers chose the addresses and their order
+            for a in decision.addresses:
+                packed = _PACKED.get(a)
+                if packed is None:
+                    packed = _PACKED[a] = ipaddress.ip_address(a).packed
+                addrs.append(packed)
+        else:
+            for name in decision.sites:
+                site = view.sites[name]
+                state = view.states.get(name, _UP)
+                for a in site.addresses(family):
+                    if a not in state.address_down:
+                        packed = _PACKED.get(a)
+                        if packed is None:
+                            packed = _PACKED[a] = ipaddress.ip_address(a).packed
+                        addrs.append(packed)
         if not addrs:
             return decision, None
         rtype = A if family == 4 else AAAA
-        return decision, RRset(geo.owner, rtype, geo.ttl_s, tuple(addrs))
+        ttl = geo.ttl_s
+        if decision.ttl_cap_s is not None and decision.ttl_cap_s < ttl:
+            ttl = decision.ttl_cap_s  # a site of the pool is changing: resolvers follow
+        return decision, RRset(geo.owner, rtype, ttl, tuple(addrs))
+
+
+def _offered_keys(pool: str, decision: Decision) -> tuple[tuple[str, str], ...]:
+    """The Stats.pool_offered keys one geo answer bumps (none without a site)."""
+    if not decision.sites:
+        return ()
+    return ((pool, ""), *((pool, site) for site in decision.offered))
 
 
 _UP = SiteState()

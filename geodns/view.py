@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from .model import Pool, Site, SiteState
+from .model import Pool, PoolBalance, Site, SiteState
 from .zones import Zone
 
 _versions = itertools.count(1)
@@ -34,6 +34,8 @@ class GeoState:
     version: int = 0
     # pool name -> version of the last change that affects it (for cache keys)
     pool_versions: Mapping[str, int] = field(default_factory=dict)
+    # pool name -> capacity spill-over measured over its last window (see balance.py)
+    balance: Mapping[str, PoolBalance] = field(default_factory=dict)
 
 
 class Catalog:

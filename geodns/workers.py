@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .handler import Stats
-from .model import Health, Override, SiteState
+from .model import Health, Override, PoolBalance, SiteState
 from .view import GeoState, ViewHolder
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,39 @@ STATS_INTERVAL_S = 1.0
 
 
 def encode_states(geo: GeoState) -> bytes:
-    """One JSON line describing the effective health a worker must serve."""
+    """One JSON line describing the effective health (and load balancing: damping,
+    ramps, capacity spill) a worker must serve."""
     states = {
         name: {
             "observed": st.observed.value,
             "override": st.override.value,
             "address_down": sorted(st.address_down),
             "stale": st.stale,
+            "damped": st.damped,
+            "damped_until": st.damped_until,
+            "damped_addresses": sorted(st.damped_addresses),
+            "ramp": st.ramp,
+            "ramp_kind": st.ramp_kind,
+            "ramp_until": st.ramp_until,
+            "changing": st.changing,
         }
         for name, st in geo.states.items()
     }
-    msg = {"version": geo.version, "pool_versions": dict(geo.pool_versions), "states": states}
+    balance = {
+        pool: {
+            "spill": dict(b.spill),
+            "offered_share": dict(b.offered_share),
+            "answers": b.answers,
+            "window_s": b.window_s,
+        }
+        for pool, b in geo.balance.items()
+    }
+    msg = {
+        "version": geo.version,
+        "pool_versions": dict(geo.pool_versions),
+        "states": states,
+        "balance": balance,
+    }
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
@@ -56,12 +78,28 @@ def apply_states(holder: ViewHolder, line: bytes) -> None:
             override=Override(s["override"]),
             address_down=frozenset(s["address_down"]),
             stale=bool(s["stale"]),
+            damped=bool(s.get("damped", False)),
+            damped_until=s.get("damped_until"),
+            damped_addresses=frozenset(s.get("damped_addresses", ())),
+            ramp=float(s.get("ramp", 1.0)),
+            ramp_kind=str(s.get("ramp_kind", "")),
+            ramp_until=s.get("ramp_until"),
+            changing=bool(s.get("changing", False)),
         )
         for name, s in msg["states"].items()
     }
+    balance = {
+        pool: PoolBalance(
+            {k: float(v) for k, v in b["spill"].items()},
+            {k: float(v) for k, v in b["offered_share"].items()},
+            int(b["answers"]),
+            float(b["window_s"]),
+        )
+        for pool, b in msg.get("balance", {}).items()
+    }
     geo = holder.view.geo
     holder.publish_geo(
-        GeoState(geo.sites, geo.pools, states, int(msg["version"]), msg["pool_versions"])
+        GeoState(geo.sites, geo.pools, states, int(msg["version"]), msg["pool_versions"], balance)
     )
 
 
@@ -74,6 +112,7 @@ def encode_stats(stats: Stats) -> bytes:
         "formerr": stats.formerr,
         "dropped": stats.dropped,
         "rrl": stats.rrl,
+        "pool_offered": [[*k, v] for k, v in stats.pool_offered.items()],
     }
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
@@ -84,6 +123,7 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
     by_site: dict[str, int] = {}
     totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0}
     rrl = [0, 0, 0, 0]
+    pool_offered: dict[tuple[str, str], int] = {}
     for p in parts:
         for qtype, rcode, transport, n in p["queries"]:
             key = (qtype, int(rcode), transport)
@@ -94,7 +134,10 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
             totals[k] += int(p[k])
         for i, n in enumerate(p.get("rrl", ())[: len(rrl)]):
             rrl[i] += int(n)
+        for pool, site, n in p.get("pool_offered", ()):
+            pool_offered[(pool, site)] = pool_offered.get((pool, site), 0) + int(n)
     into.queries = queries
+    into.pool_offered = pool_offered
     into.answers_by_site = by_site
     into.rrl = rrl
     for k, v in totals.items():
