@@ -147,6 +147,9 @@ overrides = sa.Table(
     sa.Column("who", sa.String(255), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("expires_at", sa.Double, nullable=True),
+    # v3: a DOWN override takes effect gradually over ramp_s from created_at (a ramped
+    # drain); an UP one ramps the site's traffic back in over ramp_s
+    sa.Column("ramp_s", sa.Double, nullable=True),
 )
 
 audit_log = sa.Table(
@@ -194,7 +197,6 @@ _V1_TABLES: Final = (
     checks,
     observations,
     transitions,
-    overrides,
     audit_log,
     applied_journal,
 )
@@ -206,6 +208,16 @@ _V1_NODES: Final = sa.Table(
     sa.Column("node_id", sa.String(255), primary_key=True),
     sa.Column("last_seen", sa.Double, nullable=False),
     sa.Column("info", sa.Text, nullable=False),
+)
+_V1_OVERRIDES: Final = sa.Table(
+    "overrides",
+    _v1_metadata,
+    sa.Column("site", sa.String(255), primary_key=True),
+    sa.Column("state", sa.String(8), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("who", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=True),
 )
 
 
@@ -223,6 +235,7 @@ def _migrate_1(conn: Connection) -> None:
     """v1: check history, observations, transitions, overrides, audit, nodes, journal ids."""
     _metadata.create_all(conn, tables=list(_V1_TABLES), checkfirst=True)
     _V1_NODES.create(conn, checkfirst=True)
+    _V1_OVERRIDES.create(conn, checkfirst=True)
 
 
 def _migrate_2(conn: Connection) -> None:
@@ -234,7 +247,19 @@ def _migrate_2(conn: Connection) -> None:
     quorum_states.create(conn, checkfirst=True)
 
 
-_MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_migrate_1, _migrate_2)
+def _migrate_3(conn: Connection) -> None:
+    """v3 (load balancing): overrides.ramp_s, a ramped drain or failback."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("overrides")}
+    if "ramp_s" not in columns:
+        kind = sa.Double().compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE overrides ADD COLUMN ramp_s {kind}"))
+
+
+_MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (
+    _migrate_1,
+    _migrate_2,
+    _migrate_3,
+)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
@@ -305,6 +330,7 @@ class OverrideRow:
     who: str
     created_at: float
     expires_at: float | None
+    ramp_s: float | None = None  # gradual: a drain over ramp_s from created_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +485,7 @@ def _override_row(r: sa.Row[Any]) -> OverrideRow:
         who=r.who,
         created_at=float(r.created_at),
         expires_at=None if r.expires_at is None else float(r.expires_at),
+        ramp_s=None if r.ramp_s is None else float(r.ramp_s),
     )
 
 
@@ -867,15 +894,24 @@ class Store:
     # ----------------------------------------------------------------- overrides
 
     def set_override(
-        self, site: str, state: Override, reason: str, who: str, expires_at: float | None
+        self,
+        site: str,
+        state: Override,
+        reason: str,
+        who: str,
+        expires_at: float | None,
+        ramp_s: float | None = None,
     ) -> OverrideRow:
-        """Force a site UP or DOWN (replacing any override) and audit it in one transaction."""
+        """Force a site UP or DOWN (replacing any override) and audit it in one transaction.
+
+        `ramp_s`: move the site's traffic gradually over that many seconds (see
+        health.effective_states)."""
         if state is Override.OBEY:
             raise ValueError("an override is UP or DOWN; use clear_override() to obey checks")
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise ValueError(f"expires_at {expires_at} is not in the future (now {now})")
-        row = OverrideRow(site, state, reason, who, now, expires_at)
+        row = OverrideRow(site, state, reason, who, now, expires_at, ramp_s or None)
         args = {
             "site": site,
             "state": state.value,
@@ -883,6 +919,7 @@ class Store:
             "who": who,
             "created_at": now,
             "expires_at": expires_at,
+            "ramp_s": ramp_s or None,
         }
         self._write("set_override", args)
         return row
@@ -1247,12 +1284,13 @@ class Store:
             previous = conn.execute(
                 sa.select(overrides).where(overrides.c.site == a["site"])
             ).first()
+            # journal entries written before v3 carry no ramp_s
             _upsert(
                 conn,
                 overrides,
-                dict(a),
+                {**a, "ramp_s": a.get("ramp_s")},
                 keys=("site",),
-                update=("state", "reason", "who", "created_at", "expires_at"),
+                update=("state", "reason", "who", "created_at", "expires_at", "ramp_s"),
             )
             detail = {
                 "state": a["state"],
@@ -1260,6 +1298,8 @@ class Store:
                 "expires_at": a["expires_at"],
                 "previous": previous.state if previous else None,
             }
+            if a.get("ramp_s"):
+                detail["ramp_s"] = a["ramp_s"]
             self._insert_audit(conn, a["created_at"], a["who"], "override.set", a["site"], detail)
             _notify(conn, "override", self.node_id)
             return None

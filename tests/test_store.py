@@ -432,10 +432,33 @@ def test_v1_database_is_migrated_to_v2(
     assert raw_rows(store_url, columns) == []
     monkeypatch.undo()
     new = make_store("node-a")
-    assert new.schema_version() == SCHEMA_VERSION == 2
+    assert new.schema_version() == SCHEMA_VERSION >= 2
     assert new.heartbeat({"checker": True})
     assert new.nodes()[0].seen_at is not None
     assert new.quorum_snapshot().decided == {}
+
+
+def test_v2_database_is_migrated_to_v3_override_ramp(
+    make_store: Callable[..., Store], store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geodns.store as store_module
+
+    monkeypatch.setattr(store_module, "_MIGRATIONS", store_module._MIGRATIONS[:2])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    old = make_store("node-a")
+    assert old.schema_version() == 2
+    old.close()
+    # the v2 overrides table has no ramp_s; an override written there keeps working
+    raw_rows(store_url, "SELECT site, state FROM overrides")
+    monkeypatch.undo()
+    new = make_store("node-a")
+    assert new.schema_version() == SCHEMA_VERSION == 3
+    new.set_override("fra", Override.DOWN, "drain", "alice", None, ramp_s=300.0)
+    assert new.overrides()["fra"].ramp_s == 300.0
+    new.set_override("uk", Override.DOWN, "drain", "alice", None)
+    assert new.overrides()["uk"].ramp_s is None
+    audit, _ = new.list_audit()
+    assert any(a.detail.get("ramp_s") == 300.0 for a in audit)
 
 
 def test_listen_wakes_on_commit_and_reconnect(make_store: Callable[..., Store]) -> None:
