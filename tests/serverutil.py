@@ -10,11 +10,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +190,51 @@ def run_process(config_path: Path, extra: list[str] | None = None) -> Iterator[P
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class TcpTarget:
+    """A TCP listener on loopback that a test can take down and bring back.
+
+    It accepts and closes every connection (in a thread), so that checks every 50 ms
+    never fill the listen backlog however long a test runs.
+    """
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.port = 0
+        self.up()
+
+    def up(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        s.settimeout(0.05)
+        self.port = s.getsockname()[1]
+        self.sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, s: socket.socket) -> None:
+        while self.sock is s:
+            try:
+                conn, _ = s.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.close()
+
+    def down(self) -> None:
+        s, self.sock = self.sock, None
+        if s is not None:
+            s.close()
+
+
+def wait_for(pred: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> float:
+    """Poll until pred() holds (bounded; never a fixed sleep); returns when it first held."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"not reached in {timeout_s} s: {what or pred}")

@@ -7,9 +7,7 @@ wire (bounded polling of the DNS answer, never a fixed sleep).
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from geodns.health import HealthManager, HealthPolicy
 from geodns.model import CheckSpec, Health, Override, Site
 from geodns.store import Store
 from geodns.view import Catalog, GeoState, View, ViewHolder
-from tests.serverutil import make_zone_dir, run_server, write_config
+from tests.serverutil import TcpTarget, make_zone_dir, run_server, wait_for, write_config
 
 SITES = {
     n: Site(n, (f"192.0.2.{i}",), (), 50.0 + i, float(i))
@@ -150,37 +148,6 @@ async def test_store_unavailable_answers_keep_following_checks(tmp_path: Path) -
 # -- over the wire, with real TCP targets ------------------------------------------------
 
 
-class Target:
-    """A TCP listener on loopback that the test can take down and bring back."""
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-        self.port = 0
-        self.up()
-
-    def up(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)  # the kernel completes handshakes; nobody needs to accept()
-        self.port = s.getsockname()[1]
-        self.sock = s
-
-    def down(self) -> None:
-        assert self.sock is not None
-        self.sock.close()
-        self.sock = None
-
-
-def wait_for(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 ZONE = """\
 $ORIGIN example.com.
 $TTL 300
@@ -192,7 +159,7 @@ www 60 IN A 192.0.2.80
 GEO = '[names.www]\npool = "web"\ntypes = ["A"]\n'
 
 
-def config_body(uk: Target, fra: Target, interval: float = 0.05) -> str:
+def config_body(uk: TcpTarget, fra: TcpTarget, interval: float = 0.05) -> str:
     check = f"interval_s = {interval}\ndown_thresh = 2\nup_thresh = 3\n"
     return f"""
 [api]
@@ -232,14 +199,14 @@ def gb_answer(host: str, port: int) -> set[str]:
 
 
 @contextmanager
-def geo_server(tmp: Path, uk: Target, fra: Target) -> Iterator:  # type: ignore[type-arg]
+def geo_server(tmp: Path, uk: TcpTarget, fra: TcpTarget) -> Iterator:  # type: ignore[type-arg]
     make_zone_dir(tmp, {"example.com.zone": ZONE, "example.com.geo.toml": GEO})
     with run_server(load_config(write_config(tmp, config_body(uk, fra)))) as running:
         yield running
 
 
 def test_failed_site_leaves_answers_and_comes_back(tmp_path: Path) -> None:
-    uk, fra = Target(), Target()
+    uk, fra = TcpTarget(), TcpTarget()
     with geo_server(tmp_path, uk, fra) as s:
         wait_for(lambda: s.app.health.site_info("uk").state.observed is Health.UP)
         assert gb_answer(s.host, s.port) == {"198.51.100.10"}
@@ -258,7 +225,7 @@ def test_failed_site_leaves_answers_and_comes_back(tmp_path: Path) -> None:
 
 
 def test_restart_with_persisted_down_state_keeps_site_out(tmp_path: Path) -> None:
-    uk, fra = Target(), Target()
+    uk, fra = TcpTarget(), TcpTarget()
     with geo_server(tmp_path, uk, fra) as s:
         wait_for(lambda: s.app.health.site_info("uk").state.observed is Health.UP)
         uk.down()
@@ -271,7 +238,7 @@ def test_restart_with_persisted_down_state_keeps_site_out(tmp_path: Path) -> Non
 
 
 def test_all_sites_down_answers_nearest(tmp_path: Path) -> None:
-    uk, fra = Target(), Target()
+    uk, fra = TcpTarget(), TcpTarget()
     with geo_server(tmp_path, uk, fra) as s:
         wait_for(lambda: s.app.health.site_info("fra").state.observed is Health.UP)
         uk.down()
@@ -282,7 +249,7 @@ def test_all_sites_down_answers_nearest(tmp_path: Path) -> None:
 
 
 def test_drained_site_is_never_answered_even_when_all_down(tmp_path: Path) -> None:
-    uk, fra = Target(), Target()
+    uk, fra = TcpTarget(), TcpTarget()
     with geo_server(tmp_path, uk, fra) as s:
         wait_for(lambda: s.app.health.site_info("fra").state.observed is Health.UP)
         s.call(s.app.health.set_override("uk", Override.DOWN, "maintenance", "test", None))
@@ -298,7 +265,7 @@ def test_serve_no_checker_follows_a_standalone_checker(tmp_path: Path) -> None:
 
     from tests.serverutil import REPO
 
-    uk, fra = Target(), Target()
+    uk, fra = TcpTarget(), TcpTarget()
     make_zone_dir(tmp_path, {"example.com.zone": ZONE, "example.com.geo.toml": GEO})
     cfg_path = write_config(tmp_path, config_body(uk, fra))
     checker = subprocess.Popen(

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,7 @@ from geodns import ops
 from geodns.config import load_config
 from geodns.model import Health
 from tests.pgutil import PgServer, find_bin_dir
-from tests.serverutil import Running, make_zone_dir, run_server
-from tests.test_health import Target
+from tests.serverutil import Running, TcpTarget, make_zone_dir, run_server, wait_for
 from tests.test_ops import validate
 
 ZONE = """\
@@ -69,8 +68,8 @@ class Node:
 
     name: str
     server: Running
-    uk: Target
-    fra: Target
+    uk: TcpTarget
+    fra: TcpTarget
 
     def answer(self) -> set[str]:
         """The GB client's answer set for www.example.com (UDP, ECS 212.58.224.0/24)."""
@@ -112,18 +111,8 @@ def gb_answer(host: str, port: int) -> set[str]:
     return {rd.address for rr in r.answer for rd in rr}
 
 
-def wait_for(pred: Callable[[], bool], timeout_s: float = 15.0, what: str = "") -> float:
-    """Poll until pred() holds; returns the time.monotonic() it first held."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return time.monotonic()
-        time.sleep(0.003)
-    raise AssertionError(f"not reached in {timeout_s} s: {what}")
-
-
 def node_config(
-    tmp: Path, name: str, db_url: str, uk: Target, fra: Target, min_votes: int, notify: bool
+    tmp: Path, name: str, db_url: str, uk: TcpTarget, fra: TcpTarget, min_votes: int, notify: bool
 ) -> Any:
     """A node's geodns.toml: its own id, zones, journal, API token and check targets."""
     d = tmp / name
@@ -182,7 +171,7 @@ class Cluster:
     notify: bool = True
 
     def start(self, name: str, min_votes: int = 2) -> Node:
-        uk, fra = Target(), Target()
+        uk, fra = TcpTarget(), TcpTarget()
         cfg = node_config(self.tmp, name, self.db_url, uk, fra, min_votes, self.notify)
         own = ExitStack()
         server = own.enter_context(run_server(cfg))

@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
@@ -15,7 +15,7 @@ import dns.rcode
 import pytest
 
 from geodns.config import load_config
-from tests.serverutil import Running, make_zone_dir, run_process, run_server, write_config
+from tests.serverutil import Running, make_zone_dir, run_process, run_server, wait_for, write_config
 
 HEAD = """$ORIGIN r.test.
 $TTL 300
@@ -27,15 +27,6 @@ ns1 IN A 192.0.2.53
 
 def zone(serial: int, body: str = "") -> str:
     return HEAD.format(serial=serial) + body
-
-
-def wait_for(pred: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 def addresses(s: Running, name: str) -> set[str]:

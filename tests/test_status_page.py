@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,7 +38,7 @@ from geodns.answershare import AnswerWindow
 from geodns.app import App
 from geodns.config import load_config
 from geodns.model import Health
-from tests.serverutil import REPO, Running, run_server, write_config
+from tests.serverutil import REPO, Running, TcpTarget, run_server, wait_for, write_config
 from tests.test_ops import validate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -67,45 +65,7 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
-class Target:
-    """A TCP listener on loopback that a test can take down and bring back.
-
-    It accepts and closes every connection (in a thread), so that checks every 50 ms
-    never fill the listen backlog however long a test runs.
-    """
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-        self.port = 0
-        self.up()
-
-    def up(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        s.settimeout(0.05)
-        self.port = s.getsockname()[1]
-        self.sock = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, s: socket.socket) -> None:
-        while self.sock is s:
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.close()
-
-    def down(self) -> None:
-        s, self.sock = self.sock, None
-        if s is not None:
-            s.close()
-
-
-def config_body(uk: Target, fra: Target, iad: Target) -> str:
+def config_body(uk: TcpTarget, fra: TcpTarget, iad: TcpTarget) -> str:
     # iad's target refuses connections, but 100 failures at 1 s take longer than any
     # test here: iad stays UNKNOWN (no verdict yet), which answers like UP
     return f"""
@@ -151,8 +111,8 @@ members = ["uk", "fra", "iad"]
 @dataclass
 class Fleet:
     running: Running
-    uk: Target
-    fra: Target
+    uk: TcpTarget
+    fra: TcpTarget
 
     @property
     def app(self) -> App:
@@ -176,23 +136,13 @@ class Fleet:
         return self.app.holder.view.geo.states[site].observed
 
 
-def wait_for(pred: Any, timeout_s: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
 @contextmanager
 def fleet(tmp: Path) -> Iterator[Fleet]:
     zones = tmp / "zones"
     zones.mkdir()
     for name in ("example.com.zone", "example.com.geo.toml"):
         shutil.copy(REPO / "zones" / name, zones / name)
-    uk, fra, iad = Target(), Target(), Target()
+    uk, fra, iad = TcpTarget(), TcpTarget(), TcpTarget()
     iad.down()
     try:
         with run_server(load_config(write_config(tmp, config_body(uk, fra, iad)))) as running:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dns.edns
@@ -12,7 +10,7 @@ import dns.query
 
 from geodns.config import load_config
 from geodns.model import Override
-from tests.serverutil import REPO, run_server, write_config
+from tests.serverutil import REPO, run_server, wait_for, write_config
 
 ZONE = (REPO / "zones" / "example.com.zone").read_text()
 GEO = (REPO / "zones" / "example.com.geo.toml").read_text()
@@ -28,15 +26,6 @@ country = "DE"
 [pools.web]
 members = ["uk", "fra"]
 """
-
-
-def wait_for(pred: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def gb(host: str, port: int) -> set[str]:
