@@ -30,6 +30,7 @@ import dns.zonefile
 
 from .errors import ZoneError
 from .model import Pool
+from .zonefast import Fallback, Parts, Rec, read_fast
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,15 @@ def _wire(name: dns.name.Name) -> bytes:
     return out
 
 
+# An absolute name of letters, digits, '-' and '_' only: its wire form is simple to
+# make, and its presentation form is itself (nothing to escape)
+_PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)+")
+
+
 def name_to_wire(text: str) -> bytes:
     """Absolute presentation name -> uncompressed wire format (case preserved)."""
+    if len(text) < 255 and _PLAIN_NAME.fullmatch(text):
+        return b"".join(bytes((len(x),)) + x.encode() for x in text[:-1].split(".")) + b"\0"
     return _wire(dns.name.from_text(text))
 
 
@@ -118,7 +126,7 @@ class GeoName:
     count: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Zone:
     """An immutable snapshot of one loaded zone."""
 
@@ -139,13 +147,78 @@ class Zone:
     geo: Mapping[bytes, GeoName] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as plain tuples (worker processes, the zone cache): several times
+        faster to load than the default, which sets every field of every RRset
+        through Python code."""
+        nodes = tuple(
+            (key, tuple((r.owner, r.rtype, r.ttl, r.rdata, r.parts, r.targets) for r in n.values()))
+            for key, n in self.nodes.items()
+        )
+        s = self.soa
+        state = (
+            self.origin,
+            self.origin_text,
+            nodes,
+            tuple(self.cuts),
+            tuple(self.dnames),
+            self.wildcards,
+            (s.owner, s.rtype, s.ttl, s.rdata, s.parts, s.targets),
+            self.serial,
+            self.neg_ttl,
+            self.path,
+            self.records,
+            self.loaded_at,
+            self.version,
+            self.digest,
+            dict(self.geo),
+            self.warnings,
+        )
+        return _zone_from_state, (state,)
 
-@dataclass
-class _Record:
-    name: dns.name.Name
-    ttl: int
-    rdata: dns.rdata.Rdata
-    where: str
+
+_EMPTY_NODE: Mapping[int, RRset] = {}  # shared by every empty non-terminal; never mutated
+_new = object.__new__
+_set_owner, _set_rtype, _set_ttl, _set_rdata, _set_parts, _set_targets = (
+    RRset.__dict__[f].__set__ for f in ("owner", "rtype", "ttl", "rdata", "parts", "targets")
+)
+
+
+def _make_rrset(
+    owner: bytes,
+    rtype: int,
+    ttl: int,
+    rdata: tuple[bytes, ...],
+    parts: tuple[Parts, ...] | None,
+    targets: tuple[bytes, ...],
+) -> RRset:
+    """RRset(...) without the frozen dataclass's __init__ (3x faster; zones have
+    millions of them)."""
+    r = _new(RRset)
+    _set_owner(r, owner)
+    _set_rtype(r, rtype)
+    _set_ttl(r, ttl)
+    _set_rdata(r, rdata)
+    _set_parts(r, parts)
+    _set_targets(r, targets)
+    return r
+
+
+def _zone_from_state(state: tuple[Any, ...]) -> Zone:
+    (origin, origin_text, node_list, cuts, dnames, wildcards, soa_t, serial, neg_ttl, path,
+     records, loaded_at, version, digest, geo, warnings) = state  # fmt: skip
+    make = _make_rrset
+    nodes: dict[bytes, Mapping[int, RRset]] = {}
+    for key, rrsets in node_list:
+        nodes[key] = {t[1]: make(*t) for t in rrsets} if rrsets else _EMPTY_NODE
+    soa = make(*soa_t)
+    apex_soa = nodes.get(origin, _EMPTY_NODE).get(SOA)
+    if apex_soa == soa:
+        soa = apex_soa
+    return Zone(
+        origin, origin_text, nodes, frozenset(cuts), frozenset(dnames), wildcards, soa,
+        serial, neg_ttl, path, records, loaded_at, version, digest, geo, warnings,
+    )  # fmt: skip
 
 
 class _RecordError(Exception):
@@ -157,25 +230,26 @@ class _LineReader(dns.zonefile.Reader):
 
     def _rr_line(self) -> None:
         filename, line = self.tok.where()
-        where = f"{filename}:{line}"
-        self.txn.where = where  # type: ignore[attr-defined]
+        self.txn.where = (filename, line)  # type: ignore[attr-defined]
         try:
             super()._rr_line()
         except dns.exception.SyntaxError as exc:
-            raise _RecordError(f"{where}: {exc or 'syntax error'}") from None
+            raise _RecordError(f"{filename}:{line}: {exc or 'syntax error'}") from None
 
 
 class _Collector:
     """The minimal transaction the reader needs: keep every record, in file order.
 
     dnspython's own Zone would merge records (and silently let a CNAME replace other
-    data at a name), which hides exactly the mistakes we must report.
+    data at a name), which hides exactly the mistakes we must report. Records are
+    converted at once to the library-independent `Rec` the fast reader also produces.
     """
 
     def __init__(self, origin: dns.name.Name) -> None:
         self.origin = origin
-        self.records: list[_Record] = []
-        self.where = ""
+        self.records: list[Rec] = []
+        self.problems: list[str] = []
+        self.where: tuple[str, int] = ("", 0)
         self.manager = self
 
     def origin_information(self) -> tuple[dns.name.Name, bool, dns.name.Name]:
@@ -185,7 +259,24 @@ class _Collector:
         pass
 
     def add(self, name: dns.name.Name, ttl: int, rdata: dns.rdata.Rdata) -> None:
-        self.records.append(_Record(name, ttl, rdata, self.where))
+        filename, line = self.where
+        if rdata.rdclass != dns.rdataclass.IN:  # the reader rejects other classes first
+            self.problems.append(f"{filename}:{line}: class {rdata.rdclass.name}: only IN")
+            return
+        wire, parts = _encode_rdata(rdata)
+        canon = rdata.to_digestable()
+        rec: Rec = (
+            _wire(name),
+            ttl,
+            int(rdata.rdtype),
+            wire,
+            None if canon == wire else canon,
+            parts,
+            _targets(rdata),
+            filename,
+            line,
+        )
+        self.records.append(rec)
 
     def _set_origin(self, origin: dns.name.Name) -> None:
         pass
@@ -212,11 +303,14 @@ def _absolute_includes(text: str, base: Path) -> str:
 
 def origin_from_path(path: Path) -> str:
     """zones/example.com.zone -> 'example.com.' (zones/root.zone is not supported)."""
-    name = path.name[: -len(ZONE_SUFFIX)] if path.name.endswith(ZONE_SUFFIX) else path.name
+    return origin_from_name(path.name)
+
+
+def origin_from_name(name: str) -> str:
+    """'example.com.zone' (a file name) -> 'example.com.'"""
+    if name.endswith(ZONE_SUFFIX):
+        name = name[: -len(ZONE_SUFFIX)]
     return name.rstrip(".").lower() + "."
-
-
-Parts = tuple[bytes, tuple[bytes, ...], bytes]
 
 
 def _type_text(rtype: int) -> str:
@@ -249,14 +343,22 @@ def _targets(rd: dns.rdata.Rdata) -> bytes | None:
     return None
 
 
-def read_records(path: Path, origin: str) -> list[_Record]:
-    """Parse a master file with dnspython; raise ZoneError(file:line) on syntax errors."""
+def read_text(path: Path, data: bytes | None = None) -> str:
+    """A zone file's text; ZoneError(file) if unreadable, not UTF-8 or empty."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if data is None:
+            data = path.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ZoneError(str(path), [f"{path}: cannot read: {exc}"]) from None
     if not text.strip():
         raise ZoneError(str(path), [f"{path}:1: empty zone file (no SOA)"])
+    return text
+
+
+def read_records_full(text: str, path: Path, origin: str) -> tuple[list[Rec], list[str]]:
+    """Parse a master file with dnspython (the reference); ZoneError(file:line) on
+    syntax errors. Returns the records and problems found outside the syntax."""
     text = _absolute_includes(text, path.parent)
     origin_name = dns.name.from_text(origin)
     collector = _Collector(origin_name)
@@ -270,6 +372,7 @@ def read_records(path: Path, origin: str) -> list[_Record]:
     # dnspython silently skips names outside the zone; we want to report them, so the
     # reader is told everything is in zone and build_zone() checks.
     reader.zone_origin = dns.name.root
+    where = f"{collector.where[0]}:{collector.where[1]}" if collector.where[0] else str(path)
     try:
         reader.read()
     except _RecordError as exc:
@@ -277,153 +380,220 @@ def read_records(path: Path, origin: str) -> list[_Record]:
     except dns.exception.SyntaxError as exc:
         msg = str(exc)
         if not msg.startswith(str(path)) and not re.match(r"^\S+:\d+: ", msg):
-            msg = f"{collector.where or path}: {msg}"
+            where = f"{collector.where[0]}:{collector.where[1]}" if collector.where[0] else where
+            msg = f"{where}: {msg}"
         raise ZoneError(str(path), [msg]) from None
-    except dns.exception.DNSException as exc:
-        raise ZoneError(str(path), [f"{collector.where or path}: {exc}"]) from None
-    except OSError as exc:  # a missing $INCLUDE file
-        raise ZoneError(str(path), [f"{collector.where or path}: {exc}"]) from None
-    return collector.records
+    except (dns.exception.DNSException, OSError) as exc:  # OSError: a missing $INCLUDE
+        where = f"{collector.where[0]}:{collector.where[1]}" if collector.where[0] else where
+        raise ZoneError(str(path), [f"{where}: {exc}"]) from None
+    return collector.records, collector.problems
+
+
+def read_records(
+    text: str, path: Path, origin: str, fast: bool = True
+) -> tuple[list[Rec], list[str], bool]:
+    """(records, problems, whether the fast reader did it): the fast reader when it
+    vouches for the file, else dnspython's."""
+    if fast:
+        try:
+            return read_fast(text, str(path), name_to_wire(origin)), [], True
+        except Fallback as why:
+            log.debug("zone %s: full parser (%s)", path, why)
+    records, problems = read_records_full(text, path, origin)
+    return records, problems, False
+
+
+class _Acc:
+    """An RRset of several records while the zone is being read."""
+
+    __slots__ = ("canons", "first", "parts", "rdatas", "targets", "ttl")
+
+    def __init__(self, first: Rec) -> None:
+        self.first = first
+        self.ttl = first[1]
+        self.rdatas = [first[3]]
+        self.canons = {first[4] or first[3]}
+        self.parts = [first[5]] if first[5] is not None else []
+        self.targets = [first[6]] if first[6] is not None else []
+
+    def add(self, rec: Rec, warnings: list[str]) -> None:
+        if rec[1] != self.ttl:
+            warnings.append(
+                f"{rec[7]}:{rec[8]}: TTL {rec[1]} differs from {self.ttl} of the same RRset "
+                f"({_where(self.first)}); using the smaller (RFC 2181 §5.2)"
+            )
+        canon = rec[4] or rec[3]
+        if canon in self.canons:
+            warnings.append(f"{rec[7]}:{rec[8]}: duplicate record ignored")
+            return
+        self.canons.add(canon)
+        self.ttl = min(self.ttl, rec[1])
+        self.rdatas.append(rec[3])
+        if rec[5] is not None:
+            self.parts.append(rec[5])
+        if rec[6] is not None:
+            self.targets.append(rec[6])
+
+
+def _where(v: Rec | _Acc) -> str:
+    """file:line of the first record of an RRset being read."""
+    rec = v.first if isinstance(v, _Acc) else v
+    return f"{rec[7]}:{rec[8]}"
+
+
+def _size(v: Rec | _Acc) -> int:
+    return len(v.rdatas) if isinstance(v, _Acc) else 1
+
+
+def _rrset(owner: bytes, rt: int, v: Rec | _Acc) -> RRset:
+    if isinstance(v, _Acc):
+        return _make_rrset(
+            owner, rt, v.ttl, tuple(v.rdatas), tuple(v.parts) or None, tuple(v.targets)
+        )
+    parts, target = v[5], v[6]
+    return _make_rrset(
+        owner,
+        rt,
+        v[1],
+        (v[3],),
+        None if parts is None else (parts,),
+        () if target is None else (target,),
+    )
 
 
 def build_zone(
-    records: Iterable[_Record], origin: str, path: str, geo: Mapping[bytes, GeoName] | None = None
+    records: Iterable[Rec],
+    origin: str,
+    path: str,
+    geo: Mapping[bytes, GeoName] | None = None,
+    problems: list[str] | None = None,
 ) -> Zone:
     """Check records (collecting every problem) and build the immutable Zone."""
-    problems: list[str] = []
+    problems = list(problems or ())
     warnings: list[str] = []
-    origin_name = dns.name.from_text(origin)
-    origin_wire = _wire(origin_name).lower()
-    # owner -> rtype -> (ttl, [rdata], first where)
-    by_owner: dict[bytes, dict[int, tuple[int, list[dns.rdata.Rdata], str]]] = {}
-    owners: dict[bytes, bytes] = {}
+    if _PLAIN_NAME.fullmatch(origin) and len(origin) < 255:
+        origin_wire, origin_text = name_to_wire(origin).lower(), origin.lower()
+    else:
+        origin_name = dns.name.from_text(origin)
+        origin_wire, origin_text = _wire(origin_name).lower(), origin_name.to_text().lower()
+    # owner (lower-case) -> rtype -> the first record, or _Acc for several; turned into
+    # RRsets in place once every check passed (one dict per node, built once)
+    nodes: dict[bytes, dict[int, Any]] = {}
+    owners: dict[bytes, bytes] = {}  # the first spelling, only where it is not lower-case
     count = 0
     for rec in records:
         count += 1
-        rt = int(rec.rdata.rdtype)
-        if rec.rdata.rdclass != dns.rdataclass.IN:
-            problems.append(f"{rec.where}: class {rec.rdata.rdclass.name}: only IN is served")
-            continue
+        rt = rec[2]
         if rt in DNSSEC_TYPES:
             problems.append(
-                f"{rec.where}: {DNSSEC_TYPES[rt]} record: DNSSEC-signed zones are not "
+                f"{rec[7]}:{rec[8]}: {DNSSEC_TYPES[rt]} record: DNSSEC-signed zones are not "
                 "supported yet (DS at delegations is fine)"
             )
             continue
-        if not rec.name.is_subdomain(origin_name):
-            problems.append(f"{rec.where}: {rec.name} is outside the zone {origin}")
-            continue
-        wire = _wire(rec.name)
-        key = wire.lower()
-        owners.setdefault(key, wire)
-        types = by_owner.setdefault(key, {})
-        if rt in types:
-            ttl, rds, where = types[rt]
-            if rec.ttl != ttl:
-                warnings.append(
-                    f"{rec.where}: TTL {rec.ttl} differs from {ttl} of the same RRset "
-                    f"({where}); using the smaller (RFC 2181 §5.2)"
+        owner = rec[0]
+        key = owner.lower()
+        node = nodes.get(key)
+        if node is None:
+            if not is_subdomain(key, origin_wire):
+                problems.append(
+                    f"{rec[7]}:{rec[8]}: {wire_to_text(owner)} is outside the zone {origin}"
                 )
-            if rec.rdata in rds:
-                warnings.append(f"{rec.where}: duplicate record ignored")
                 continue
-            types[rt] = (min(ttl, rec.ttl), [*rds, rec.rdata], where)
+            if key == owner:
+                key = owner  # one bytes object for both
+            else:
+                owners[key] = owner
+            node = nodes[key] = {}
+        cur = node.get(rt)
+        if cur is None:
+            node[rt] = rec
         else:
-            types[rt] = (rec.ttl, [rec.rdata], rec.where)
+            if not isinstance(cur, _Acc):
+                cur = node[rt] = _Acc(cur)
+            cur.add(rec, warnings)
 
-    apex = by_owner.get(origin_wire, {})
+    apex = nodes.get(origin_wire, {})
     if SOA not in apex:
         problems.append(f"{path}:1: no SOA record at the zone apex {origin}")
-    elif len(apex[SOA][1]) > 1:
-        problems.append(f"{apex[SOA][2]}: more than one SOA record at the apex")
+    elif _size(apex[SOA]) > 1:
+        problems.append(f"{_where(apex[SOA])}: more than one SOA record at the apex")
     if NS not in apex:
         problems.append(f"{path}:1: no NS records at the zone apex {origin}")
-    cuts = {k for k, t in by_owner.items() if NS in t and k != origin_wire}
-    dnames = {k for k, t in by_owner.items() if DNAME in t}
-    for key, types in by_owner.items():
-        text = wire_to_text(key)
+    cuts = {k for k, t in nodes.items() if NS in t and k != origin_wire}
+    dnames = {k for k, t in nodes.items() if DNAME in t}
+    for key, types in nodes.items():
         if SOA in types and key != origin_wire:
-            problems.append(f"{types[SOA][2]}: SOA record at {text}, which is not the apex")
-        if CNAME in types:
-            if len(types[CNAME][1]) > 1:
-                problems.append(f"{types[CNAME][2]}: more than one CNAME at {text}")
+            problems.append(
+                f"{_where(types[SOA])}: SOA record at {wire_to_text(key)}, which is not the apex"
+            )
+        if CNAME in types and (len(types) > 1 or _size(types[CNAME]) > 1):
+            text = wire_to_text(key)
+            if _size(types[CNAME]) > 1:
+                problems.append(f"{_where(types[CNAME])}: more than one CNAME at {text}")
             others = sorted(_type_text(t) for t in types if t != CNAME)
             if others:
                 problems.append(
-                    f"{types[CNAME][2]}: CNAME at {text} beside other data "
+                    f"{_where(types[CNAME])}: CNAME at {text} beside other data "
                     f"({', '.join(others)}) (RFC 1034 §3.6.2, RFC 2181 §10.1)"
                 )
-        if DNAME in types and len(types[DNAME][1]) > 1:
-            problems.append(f"{types[DNAME][2]}: more than one DNAME at {text}")
-        # Data at or below a zone cut belongs to the child (RFC 1034 §4.2.1); only
-        # DS at the cut and address glue at or below it are the parent's to hold.
-        parent = key
-        while parent != origin_wire and parent:
-            above = parent_of(parent)
-            at_cut = parent in cuts
-            if at_cut:
-                allowed = {NS, DS, A, AAAA} if parent == key else {A, AAAA}
-                for t, (_, _, where) in types.items():
-                    if t not in allowed:
-                        problems.append(
-                            f"{where}: {_type_text(t)} at {text} is occluded by "
-                            f"the delegation at {wire_to_text(parent)}"
-                        )
-                break
-            if parent != key and parent in dnames:
-                where = next(iter(types.values()))[2]
-                problems.append(
-                    f"{where}: {text} is occluded by the DNAME at {wire_to_text(parent)} "
-                    "(RFC 6672 §2.4)"
-                )
-                break
-            parent = above
+        if DNAME in types and _size(types[DNAME]) > 1:
+            problems.append(f"{_where(types[DNAME])}: more than one DNAME at {wire_to_text(key)}")
+        if cuts or dnames:
+            # Data at or below a zone cut belongs to the child (RFC 1034 §4.2.1); only
+            # DS at the cut and address glue at or below it are the parent's to hold.
+            parent = key
+            while parent != origin_wire and parent:
+                above = parent_of(parent)
+                if parent in cuts:
+                    allowed = {NS, DS, A, AAAA} if parent == key else {A, AAAA}
+                    for t, v in types.items():
+                        if t not in allowed:
+                            problems.append(
+                                f"{_where(v)}: {_type_text(t)} at {wire_to_text(key)} is "
+                                f"occluded by the delegation at {wire_to_text(parent)}"
+                            )
+                    break
+                if parent != key and parent in dnames:
+                    where = _where(next(iter(types.values())))
+                    problems.append(
+                        f"{where}: {wire_to_text(key)} is occluded by the DNAME at "
+                        f"{wire_to_text(parent)} (RFC 6672 §2.4)"
+                    )
+                    break
+                parent = above
         if DS in types and key not in cuts:
-            problems.append(f"{types[DS][2]}: DS at {text}, which is not a delegation point")
+            problems.append(
+                f"{_where(types[DS])}: DS at {wire_to_text(key)}, which is not a delegation point"
+            )
     if problems:
         raise ZoneError(path, problems)
 
-    nodes: dict[bytes, dict[int, RRset]] = {}
-    for key, types in by_owner.items():
-        owner = owners[key]
-        node: dict[int, RRset] = {}
-        for rt, (ttl, rds, _) in types.items():
-            datas: list[bytes] = []
-            parts: list[Parts] = []
-            targets: list[bytes] = []
-            for rd in rds:
-                w, part = _encode_rdata(rd)
-                datas.append(w)
-                if part is not None:
-                    parts.append(part)
-                target = _targets(rd)
-                if target is not None:
-                    targets.append(target)
-            node[rt] = RRset(
-                owner, rt, ttl, tuple(datas), tuple(parts) if parts else None, tuple(targets)
-            )
-        nodes[key] = node
+    for key, node in nodes.items():
+        owner = owners.get(key, key)
+        for rt, v in node.items():
+            node[rt] = _rrset(owner, rt, v)
     # Empty non-terminals exist (RFC 4592 §2.2.2): NODATA, not NXDOMAIN.
-    for key in list(by_owner):
+    final: dict[bytes, Mapping[int, RRset]] = nodes  # type: ignore[assignment]
+    for key in list(nodes):
         p = key
         while p != origin_wire:
             p = parent_of(p)
-            if p in nodes:
+            if p in final:
                 break
-            nodes[p] = {}
-    soa = nodes[origin_wire][SOA]
+            final[p] = _EMPTY_NODE
+    soa = final[origin_wire][SOA]
     soa_wire = soa.rdata[0]
     serial = int.from_bytes(soa_wire[-20:-16], "big")
     minimum = int.from_bytes(soa_wire[-4:], "big")
     geo = dict(geo or {})
-    _check_geo(geo, nodes, cuts, origin_wire, path)
+    _check_geo(geo, final, frozenset(cuts), origin_wire, path)
     return Zone(
         origin=origin_wire,
-        origin_text=origin_name.to_text().lower(),
-        nodes=nodes,
+        origin_text=origin_text,
+        nodes=final,
         cuts=frozenset(cuts),
         dnames=frozenset(dnames),
-        wildcards=any(k.startswith(b"\x01*") for k in nodes),
+        wildcards=any(k.startswith(b"\x01*") for k in final),
         soa=soa,
         serial=serial,
         neg_ttl=min(soa.ttl, minimum),
@@ -533,27 +703,52 @@ def parse_geo(path: Path, origin: str, pools: Mapping[str, Pool]) -> dict[bytes,
     return out
 
 
-def parse_zone(path: str | Path, pools: Mapping[str, Pool] | None = None) -> Zone:
+def load_zone(
+    path: str | Path,
+    pools: Mapping[str, Pool] | None = None,
+    *,
+    data: bytes | None = None,
+    fast: bool = True,
+) -> Zone:
     """Load one zone file (and its .geo.toml overlay if present) into a Zone.
 
+    `data` is the file's content when the caller has read it already. Warnings are
+    returned in `Zone.warnings`, not logged (this also runs in worker processes).
     Raises ZoneError listing every problem as `file:line: message`.
     """
     p = Path(path)
     origin = origin_from_path(p)
-    records = read_records(p, origin)
+    text = read_text(p, data)
+    records, problems, _ = read_records(text, p, origin, fast)
+    del text
     geo_path = p.with_name(p.name[: -len(ZONE_SUFFIX)] + GEO_SUFFIX)
     geo = parse_geo(geo_path, origin, pools or {}) if geo_path.exists() else None
-    zone = build_zone(records, origin, str(p), geo)
+    return build_zone(records, origin, str(p), geo, problems)
+
+
+def parse_zone(
+    path: str | Path, pools: Mapping[str, Pool] | None = None, *, fast: bool = True
+) -> Zone:
+    """Load one zone file (and its .geo.toml overlay if present) into a Zone; log its
+    warnings. Raises ZoneError listing every problem as `file:line: message`.
+    """
+    zone = load_zone(path, pools, fast=fast)
     for w in zone.warnings:
-        log.warning("zone %s: %s", origin, w)
+        log.warning("zone %s: %s", zone.origin_text, w)
     return zone
 
 
-def zone_files(directory: str | Path) -> list[Path]:
+def zone_file_names(directory: str | Path) -> list[str]:
     """Every *.zone file under `directory` (sub-directories included), sorted."""
     out = []
     for root, _dirs, files in os.walk(directory):
         for f in files:
             if f.endswith(ZONE_SUFFIX):
-                out.append(Path(root) / f)
-    return sorted(out)
+                out.append(os.path.join(root, f))
+    out.sort()
+    return out
+
+
+def zone_files(directory: str | Path) -> list[Path]:
+    """Every *.zone file under `directory` (sub-directories included), sorted."""
+    return [Path(p) for p in zone_file_names(directory)]
