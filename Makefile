@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian tools the tests use: Knot (differential reference), kdig/dig, dnsperf, zonemaster,
 # PostgreSQL (multi-node tests: started as an unprivileged user in a temp dir).
-DEB_TOOLS := knot knot-dnsutils bind9-dnsutils dnsperf zonemaster-cli iproute2 util-linux postgresql chromium
+DEB_TOOLS := knot knot-dnsutils bind9-dnsutils dnsperf gdnsd zonemaster-cli iproute2 util-linux postgresql chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test install deb-tools lint typecheck unit bench clean

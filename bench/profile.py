@@ -1,0 +1,578 @@
+#!/usr/bin/env python3
+"""Where geodns's microseconds per query go (issue 9): the numbers behind bench/README.md.
+
+    .venv/bin/python bench/profile.py            # in-process stages + live servers (~1 min)
+    .venv/bin/python bench/profile.py --no-live  # only the in-process part
+
+Two parts, both on the data bench/run.py builds (same zone, GeoIP database, query mix,
+ECS 81.2.69.0/24, the exact bytes dnsperf sends):
+
+1. In process, pinned to CPU 0, no sockets: the hit path (`PacketCache.handle`) and the
+   full path (`Handler.handle`) timed per query over the mix, next to a bare dict lookup +
+   ID splice and a few stages timed on their own; then cProfile's own-time per stage
+   (decode, client address, locate, pick, resolve, encode, cache, RRL, glue) scaled to the
+   unprofiled total (cProfile inflates small calls: read the split as approximate).
+2. Live, on loopback like bench/run.py, at a fixed dnsperf rate: server CPU per query split
+   into user and kernel time (/proc/PID/stat), and `perf record` of the server split by
+   shared object (kernel, Python interpreter, uvloop, the GeoIP reader, libc) with the top
+   symbols. Servers: an echo server (geodns's own DnsServer + uvloop answering one
+   precomputed reply: the floor of kernel + event loop), geodns (hit path), geodns
+   --no-packet-cache (full path) and gdnsd.
+
+Installs nothing; `perf` (Debian linux-perf) is optional: without it part 2 reports only
+the /proc split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import ipaddress
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _load_run() -> ModuleType:
+    """bench/run.py as a module (this file's name shadows the stdlib `profile`, so the
+    bench directory is taken off sys.path before cProfile is imported)."""
+    if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run = _load_run()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- part 1: in process -----------------------------------------------------------------
+
+
+def offline_app(cfg: Path) -> Any:
+    """The server's own objects (handler, packet cache), zones loaded, no sockets."""
+    from geodns.app import App
+    from geodns.config import load_config
+
+    app = App(load_config(cfg), listen=[])
+    app.reloader.initial_load()
+    return app
+
+
+def per_call_ns(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
+    """Median over rounds of the CPU time per call of fn() (a closure running `calls`
+    calls); thread CPU time, so other processes on the CPU do not inflate it."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.thread_time_ns()
+        fn()
+        times.append((time.thread_time_ns() - t0) / calls)
+    return statistics.median(times)
+
+
+def mix_queries() -> list[bytes]:
+    out = []
+    for i, line in enumerate(run.MIX):
+        name, qtype = line.split()
+        out.append(run._query(name, {"A": 1, "SOA": 6}[qtype], run.DEFAULT_ECS, 0x1000 + i))
+    return out
+
+
+# cProfile own time -> stage. Builtins and generated dataclass code are charged to
+# their callers (see _charge).
+def stage(filename: str, func: str) -> str:
+    name = Path(filename).name
+    if name == "wire.py":
+        if func.startswith(("decode", "_parse", "_skip")) or func in ("__init__", "__new__"):
+            return "decode (wire.py)"
+        return "encode (wire.py)"
+    if name == "handler.py":
+        if func == "_encode":
+            return "encode (wire.py)"
+        if func in ("client_address", "ecs_ip") or (func == "__init__"):
+            return "client address"
+        if func == "__call__":
+            return "pick (pick.py + _Steer)"
+        return "handler glue (handler.py)"
+    if name == "ipaddress.py":
+        return "client address"
+    if name == "pick.py":
+        return "pick (pick.py + _Steer)"
+    if name in ("geo.py", "reader.py", "decoder.py") or "maxminddb" in filename:
+        return "locate (geo.py, maxminddb)"
+    if name == "resolver.py":
+        return "resolve (resolver.py)"
+    if name == "cache.py":
+        return "packet cache (cache.py)"
+    if name == "rrl.py":
+        return "RRL (rrl.py)"
+    if name in ("zones.py", "view.py", "model.py", "zonefast.py"):
+        return "zone / view data"
+    return f"other ({name})"
+
+
+def _charge(stats: dict[Any, Any]) -> dict[str, float]:
+    """Own seconds per stage; a builtin's (or generated code's) own time goes to its
+    callers in proportion to their calls."""
+    out: dict[str, float] = defaultdict(float)
+
+    def owner(key: tuple[str, int, str], depth: int = 0) -> list[tuple[str, float]]:
+        filename, _, func = key
+        if not (filename == "~" or filename.startswith("<")) or depth > 3:
+            return [(stage(filename, func), 1.0)]
+        callers = stats[key][4] if key in stats else {}
+        total = sum(c[0] for c in callers.values()) or 1
+        shares: list[tuple[str, float]] = []
+        for ckey, c in callers.items():
+            for st, w in owner(ckey, depth + 1):
+                shares.append((st, w * c[0] / total))
+        return shares or [(f"other ({func})", 1.0)]
+
+    for key, (_cc, _nc, tt, _ct, _callers) in stats.items():
+        for st, w in owner(key):
+            out[st] += tt * w
+    return out
+
+
+def profile_split(fn: Callable[[], object], calls: int, total_ns: float) -> list[tuple[str, float]]:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    st = pstats.Stats(prof)
+    own = _charge(st.stats)  # type: ignore[attr-defined]
+    own.pop("other (profile.py)", None)  # the timing loops themselves
+    own.pop("other (~)", None)
+    whole = sum(own.values()) or 1.0
+    rows = sorted(own.items(), key=lambda kv: -kv[1])
+    return [(k, v / whole * total_ns / 1000) for k, v in rows if v / whole >= 0.005]
+
+
+def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]:
+    from geodns.model import Transport
+    from geodns.wire import decode_query
+
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, run.cpu_list(args.cpu))
+    udp = Transport.UDP
+    addr = ("127.0.0.1", 40000)
+    queries = mix_queries()
+    n = len(queries)
+    reps = args.reps
+    calls = n * reps
+    app = offline_app(cfgs["base"])
+    cache, handler = app.cache, app.handler
+    if cache is None:
+        raise SystemExit("the packet cache is off in the bench config")
+    for q in queries:
+        cache.handle(q, addr, udp)  # fill: every later call is a hit
+
+    def hits() -> None:
+        for _ in range(reps):
+            for q in queries:
+                cache.handle(q, addr, udp)
+
+    def full() -> None:
+        for _ in range(reps):
+            for q in queries:
+                handler.handle(q, addr, udp)
+
+    floor_dict = {q[2:]: handler.handle(q, addr, udp)[2:] for q in queries}
+
+    def floor() -> None:
+        d = floor_dict
+        for _ in range(reps):
+            for q in queries:
+                _ = q[:2] + d[q[2:]]
+
+    def decode() -> None:
+        for _ in range(reps):
+            for q in queries:
+                decode_query(q)
+
+    ecs_ip = ipaddress.ip_network(run.DEFAULT_ECS).network_address
+    locate = app.locator.locate if app.locator is not None else None
+
+    def locate_loop() -> None:
+        assert locate is not None
+        for _ in range(calls):
+            locate(ecs_ip)
+
+    def parse_addr() -> None:
+        for _ in range(calls):
+            ipaddress.ip_address("127.0.0.1")
+
+    timings = {
+        "hit": per_call_ns(hits, calls),
+        "full": per_call_ns(full, calls),
+        "floor": per_call_ns(floor, calls),
+        "decode": per_call_ns(decode, calls),
+        "ip_address": per_call_ns(parse_addr, calls),
+    }
+    if locate is not None:
+        timings["locate"] = per_call_ns(locate_loop, calls)
+    rrl_hit = None
+    if "rrl-counted" in cfgs:
+        app_rrl = offline_app(cfgs["rrl-counted"])
+        if app_rrl.cache is not None and getattr(app_rrl.handler, "rrl", None) is not None:
+            c2 = app_rrl.cache
+            for q in queries:
+                c2.handle(q, addr, udp)
+
+            def hits_rrl() -> None:
+                for _ in range(reps):
+                    for q in queries:
+                        c2.handle(q, addr, udp)
+
+            rrl_hit = per_call_ns(hits_rrl, calls)
+    lines = [
+        f"In process, CPU {args.cpu}, {calls:,} queries of the mix per round, median of 7 "
+        "rounds, thread CPU time:",
+        "",
+        "| measured alone | µs/query |",
+        "|---|---:|",
+        f"| hit path: `PacketCache.handle` | {timings['hit'] / 1000:.2f} |",
+        f"| floor: dict lookup of `data[2:]` + ID splice | {timings['floor'] / 1000:.2f} |",
+        f"| full path: `Handler.handle` | {timings['full'] / 1000:.2f} |",
+        f"| `wire.decode_query` (alone) | {timings['decode'] / 1000:.2f} |",
+        f"| `ipaddress.ip_address(str)` (alone) | {timings['ip_address'] / 1000:.2f} |",
+    ]
+    if "locate" in timings:
+        lines.append(
+            f"| `Locator.locate` (alone, cached network) | {timings['locate'] / 1000:.2f} |"
+        )
+    if rrl_hit is not None:
+        lines.append(
+            f"| hit path with RRL counting every reply (nothing exempt) | {rrl_hit / 1000:.2f} |"
+        )
+    for title, fn, total in (
+        ("hit path (`PacketCache.handle`)", hits, timings["hit"]),
+        ("full path (`Handler.handle`)", full, timings["full"]),
+    ):
+        split = profile_split(fn, calls, total)
+        lines += ["", f"cProfile own time of the {title}, scaled to {total / 1000:.2f} µs:", ""]
+        lines += ["| stage | µs/query |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in split]
+    if args.pstats:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(full)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    if app.locator is not None:
+        app.locator.close()
+    return lines
+
+
+# -- part 2: live servers ----------------------------------------------------------------
+
+ECHO = """
+import asyncio, sys
+from geodns.app import install_loop_policy
+from geodns.server import DnsServer, bind_sockets
+port, tail = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+def handle(data, addr, transport):
+    return data[:2] + tail
+async def main():
+    server = DnsServer(handle)
+    await server.start([bind_sockets("127.0.0.1", port)])
+    await asyncio.Event().wait()
+install_loop_policy()
+asyncio.run(main())
+"""
+
+
+def _stat_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) seconds of pid and its descendants."""
+    u = s = 0
+    for p in run.process_tree(pid):
+        f = run._stat_fields(p)
+        if f is not None:
+            u, s = u + int(f[11]), s + int(f[12])
+    return u / run.CLK_TCK, s / run.CLK_TCK
+
+
+def _dso_group(dso: str) -> str:
+    if dso.startswith("[kernel"):
+        return "kernel"
+    if dso.startswith("loop.cpython") or "uvloop" in dso:
+        return "uvloop"
+    if "maxminddb" in dso or dso.startswith("extension.cpython"):
+        return "maxminddb"
+    if dso.startswith(("libpython", "python")):
+        return "Python interpreter"
+    if dso.startswith(("libc", "ld-linux")):
+        return "libc"
+    if dso.startswith("[unknown"):
+        return "unknown"
+    return dso
+
+
+SYSCALLS = [
+    "recvfrom",
+    "recvmsg",
+    "recvmmsg",
+    "sendto",
+    "sendmsg",
+    "sendmmsg",
+    "epoll_wait",
+    "epoll_pwait",
+]
+
+
+def syscall_events() -> list[str]:
+    """perf events counting the server's syscalls (those this kernel has)."""
+    base = Path("/sys/kernel/tracing/events/syscalls")
+    return [f"syscalls:sys_enter_{n}" for n in SYSCALLS if (base / f"sys_enter_{n}").exists()]
+
+
+def parse_perf_stat(text: str) -> dict[str, int]:
+    """`perf stat -x,` output -> {syscall name: count}."""
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].isdigit():
+            counts[parts[2].split("sys_enter_")[-1].split(":")[-1]] = int(parts[0])
+    return counts
+
+
+REPORT = ["perf", "report", "--stdio", "--no-children", "-g", "none", "-i"]
+
+
+def perf_report(data: Path) -> tuple[dict[str, float], list[tuple[float, str, str]]]:
+    """(share per DSO group, top symbols) from `perf report`."""
+    out = subprocess.run(
+        [*REPORT, str(data), "--sort", "dso,sym", "--percent-limit", "0.3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    groups: dict[str, float] = defaultdict(float)
+    syms: list[tuple[float, str, str]] = []
+    for line in out.splitlines():
+        m = re.match(r"\s*([0-9.]+)%\s+(\S+)\s+\[[k.]\]\s+(.*)", line)
+        if m:
+            pct, dso, sym = float(m.group(1)), m.group(2), m.group(3).strip()
+            groups[_dso_group(dso)] += pct
+            syms.append((pct, dso, sym))
+    whole = subprocess.run(
+        [*REPORT, str(data), "--sort", "dso"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    groups = defaultdict(float)
+    for line in whole.splitlines():
+        m = re.match(r"\s*([0-9.]+)%\s+(\S+)", line)
+        if m:
+            groups[_dso_group(m.group(2))] += float(m.group(1))
+    return dict(groups), syms
+
+
+def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> list[str]:
+    ns = argparse.Namespace(
+        dnsperf=shutil.which("dnsperf"),
+        clients=8,
+        outstanding=100,
+        threads=1,
+        server_cpu=args.cpu,
+        client_cpu=args.client_cpu,
+    )
+    if ns.dnsperf is None:
+        return ["(live part skipped: no dnsperf; `make deb-tools`)"]
+    have_perf = shutil.which("perf") is not None
+    gdnsd = shutil.which("gdnsd") or shutil.which("gdnsd", path="/usr/sbin:/usr/local/sbin")
+    queries = root / "queries.txt"
+    queries.write_text("\n".join(run.MIX) + "\n")
+    from geodns.model import Transport
+
+    app = offline_app(cfgs["base"])
+    www = run._query("www.example.com", 1, run.DEFAULT_ECS, 0)
+    tail = app.handler.handle(www, ("127.0.0.1", 1), Transport.UDP)
+    if app.locator is not None:
+        app.locator.close()
+    py = sys.executable
+    servers: list[tuple[str, list[str], int]] = [
+        ("echo (DnsServer + uvloop, one fixed reply)", [py, "-c", ECHO, "PORT", tail[2:].hex()], 0),
+        ("geodns hit path", [py, "-m", "geodns", "--config", str(cfgs["base"]), "serve"], 0),
+        (
+            "geodns full path (--no-packet-cache)",
+            [py, "-m", "geodns", "--config", str(cfgs["base"]), "serve", "--no-packet-cache"],
+            args.full_rate,
+        ),
+    ]
+    if gdnsd is not None:
+        servers.append(("gdnsd 3.8.1", [gdnsd, "-c", "GDNSD_DIR", "start"], 0))
+    mmdb = root / "bench.mmdb"
+    rows = [
+        f"Live, server on CPU {args.cpu}, dnsperf on CPU {args.client_cpu}, ECS on, the mix, "
+        f"{args.duration:g} s per server"
+        + (
+            ", `perf record -F 2999` of the server (perf on the dnsperf CPU):" if have_perf else ":"
+        ),
+        "",
+        "| server | rate | CPU µs/query | user | kernel | perf: kernel | Python | uvloop "
+        "| maxminddb | libc | other |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    tops: list[str] = []
+    calls = ["", "System calls per answered query (perf stat, tracepoints):", ""]
+    calls += ["| server | per query |", "|---|---|"]
+    for i, (name, argv, rate) in enumerate(servers):
+        rate = rate or args.rate
+        port = run.free_port()
+        argv = [a.replace("PORT", str(port)) for a in argv]
+        if argv[0] == gdnsd:
+            d = run.write_gdnsd(root / f"gd{port}", port, mmdb)
+            argv = [gdnsd, "-c", str(d), "start"]
+        elif "geodns" in argv:
+            argv += ["--listen", f"127.0.0.1:{port}"]
+        log(f"live: {name} at {rate} QPS")
+        try:
+            server = run.start_server(f"live{i}", argv, port, root, args.cpu)
+        except RuntimeError as exc:
+            rows.append(f"| {name} | failed to start: {str(exc).splitlines()[0]} |")
+            continue
+        try:
+            run.dnsperf(server, queries, run.DEFAULT_ECS, 1.0, run.CLOSED, ns)  # warm-up
+            perf = counter = None
+            sys_counts: dict[str, int] = {}
+            data = root / f"perf-{port}.data"
+            if have_perf:
+                record = ["perf", "record", "-q", "-F", "2999", "-g", "-o", str(data)]
+                perf = subprocess.Popen(
+                    [*run.pin(args.client_cpu), *record, "-p", str(server.pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                run.STARTED.clients.append(perf)
+                events = syscall_events()
+                if events:
+                    stat = ["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(server.pid)]
+                    counter = subprocess.Popen(
+                        [*run.pin(args.client_cpu), *stat],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    run.STARTED.clients.append(counter)
+                time.sleep(0.3)
+            u0, s0 = _stat_split(server.pid)
+            res = run.dnsperf(server, queries, run.DEFAULT_ECS, args.duration, rate, ns)
+            u1, s1 = _stat_split(server.pid)
+            if perf is not None:
+                perf.send_signal(2)
+                perf.wait(30)
+                run.STARTED.clients.remove(perf)
+            if counter is not None:
+                counter.send_signal(2)
+                _, err = counter.communicate(timeout=30)
+                run.STARTED.clients.remove(counter)
+                sys_counts = parse_perf_stat(err)
+        finally:
+            server.stop()
+            run.STARTED.servers.remove(server)
+        k = res.completed / 1e6 or 1
+        cells = [
+            name,
+            f"{res.qps:,.0f}",
+            f"{res.cpu_us:.1f}",
+            f"{(u1 - u0) / k:.1f}",
+            f"{(s1 - s0) / k:.1f}",
+        ]
+        if perf is not None and data.exists():
+            groups, syms = perf_report(data)
+            known = ["kernel", "Python interpreter", "uvloop", "maxminddb", "libc"]
+            cells += [f"{groups.get(g, 0):.0f} %" for g in known]
+            cells.append(f"{sum(v for g, v in groups.items() if g not in known):.0f} %")
+            tops.append(f"\nTop symbols, {name} (% of the server's samples):\n")
+            tops += [f"    {pct:5.1f}%  {dso:<28} {sym[:70]}" for pct, dso, sym in syms[:14]]
+        else:
+            cells += ["–"] * 6
+        rows.append("| " + " | ".join(cells) + " |")
+        if sys_counts and res.completed:
+            per = ", ".join(
+                f"{n} {c / res.completed:.2f}"
+                for n, c in sys_counts.items()
+                if c >= res.completed / 100
+            )
+            calls.append(f"| {name} | {per} |")
+    return rows + (calls if len(calls) > 5 else []) + tops
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--no-live", action="store_true", help="only the in-process part")
+    p.add_argument("--reps", type=int, default=2500, help="passes over the 20-query mix")
+    p.add_argument("--rate", type=int, default=40000, help="dnsperf -Q for the live part")
+    p.add_argument("--full-rate", type=int, default=10000, help="-Q for the full path")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per live run")
+    p.add_argument("--cpu", default="0", help="server CPU list (default 0)")
+    p.add_argument("--client-cpu", default="1", help="dnsperf CPU list (default 1)")
+    p.add_argument("--pstats", action="store_true", help="also print cProfile's top functions")
+    args = p.parse_args()
+    try:
+        import geodns  # noqa: F401
+    except ImportError:
+        sys.exit("run with the project venv: .venv/bin/python bench/profile.py")
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    root = Path(tempfile.mkdtemp(prefix="geodns-profile-"))
+    out: list[str] = []
+    try:
+        mmdb = root / "bench.mmdb"
+        run.write_mmdb(mmdb)
+        feat = run.detect_features(root, mmdb)
+        cfgs = {"base": run.write_geodns(root, "geodns", mmdb, feat.rrl_config("off"))}
+        if feat.rrl_counted:
+            cfgs["rrl-counted"] = run.write_geodns(
+                root, "geodns-rrl-counted", mmdb, feat.rrl_config("counted")
+            )
+        out.append(
+            f"geodns {head}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+            f"load average {os.getloadavg()[0]:.2f}\n"
+        )
+        out += part_inprocess(args, cfgs)
+        if not args.no_live:
+            out += ["", *part_live(args, root, cfgs)]
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        run.STARTED.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
