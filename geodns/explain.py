@@ -135,6 +135,8 @@ def explain(
         "rule": None,
         "rules_considered": None,
         "chosen": [],
+        "balancing": [],
+        "ttl_cap_s": None,
         "outcome": "",
         "decision_scope": None,
         "ecs_scope": 0 if subnet is not None else None,
@@ -178,8 +180,18 @@ def explain(
             "network": str(location.network),
         }
     family = 4 if code == A else 6
+    # the live capacity balance, as the query path passes it (shuffled answers: the
+    # first of their orderings)
     decision: Decision = decide(
-        pool, state.sites, state.states, client, location, family, geo_name.count, all_down
+        pool,
+        state.sites,
+        state.states,
+        client,
+        location,
+        family,
+        geo_name.count,
+        all_down,
+        balance=state.balance.get(geo_name.pool),
     )
     out["trace"] = list(decision.trace)
     out["rule"] = decision.rule  # the preference tier the chosen sites came from
@@ -187,12 +199,24 @@ def explain(
         (line[len("rule: ") :] for line in decision.trace if line.startswith("rule: ")), None
     )
     out["decision_scope"] = decision.scope
-    out["candidates"] = _candidates(pool.members, state, location, family, decision)
+    out["candidates"] = _candidates(pool.members, state, location, family, decision, geo_name.pool)
     for site_name in decision.sites:
-        out["chosen"].append({"site": site_name, "addresses": _addresses(state, site_name, family)})
+        addresses = _addresses(state, site_name, family)
+        if decision.addresses is not None:  # weights / max_answers chose among them
+            addresses = [a for a in decision.addresses if a in addresses]
+        out["chosen"].append({"site": site_name, "addresses": addresses})
+    # why this client did not get a site it would otherwise have got
+    out["balancing"] = [
+        {"site": site, "reason": reason, "detail": detail}
+        for site, reason, detail in decision.passed
+    ]
+    out["ttl_cap_s"] = decision.ttl_cap_s
     answered = any(c["addresses"] for c in out["chosen"])
     if decision.sites and answered:
         out["outcome"] = "steered: " + ", ".join(decision.sites)
+        if decision.passed:
+            moved = "; ".join(f"{s} passed it on ({r})" for s, r, _ in decision.passed)
+            out["outcome"] += f" ({moved})"
     elif decision.sites:
         out["outcome"] = "NODATA: every address of the chosen sites is checked down"
     elif decision.use_zone_record:
@@ -266,9 +290,12 @@ def _candidates(
     location: Location | None,
     family: int,
     decision: Decision,
+    pool_name: str = "",
 ) -> list[dict[str, Any]]:
-    """Each pool member with its distance, the health decide() judged, and why."""
+    """Each pool member with its distance, the health decide() judged, and why
+    (including flap damping, ramps and capacity)."""
     judged = _judged_health(decision.trace)
+    pool_balance = gs.balance.get(pool_name)
     out: list[dict[str, Any]] = []
     for name in members:
         site = gs.sites.get(name)
@@ -290,11 +317,38 @@ def _candidates(
                 "override": state.override.value,
                 "stale": state.stale,
                 "addresses_down": sorted(state.address_down),
+                "damped": state.damped,
+                "damped_until": state.damped_until,
+                "damped_addresses": sorted(state.damped_addresses),
+                "ramp": state.ramp,
+                "ramp_kind": state.ramp_kind or None,
+                "weight": site.weight,
+                "capacity": site.capacity,
+                "offered_share": pool_balance.offered_share.get(name)
+                if pool_balance is not None
+                else None,
+                "spill": pool_balance.spill.get(name, 0.0) if pool_balance is not None else 0.0,
                 "chosen": name in decision.sites,
             }
         )
     out.sort(key=lambda c: (c["distance_km"] is None, c["distance_km"] or 0.0, c["site"]))
     return out
+
+
+def _balance_marks(c: Mapping[str, Any]) -> str:
+    """A candidate's load-balancing state for the text output ('' when none)."""
+    marks = []
+    if c.get("damped"):
+        marks.append("damped (flapping)")
+    if c.get("ramp_kind"):
+        kind = "slow start" if c["ramp_kind"] == "up" else "ramped drain"
+        marks.append(f"{kind} {c['ramp']:.0%}")
+    if c.get("spill"):
+        marks.append(
+            f"capacity {c['capacity']:.0%}, offered {c['offered_share']:.0%}: "
+            f"spills {c['spill']:.0%}"
+        )
+    return "".join(f" [{m}]" for m in marks)
 
 
 def _judged_health(trace: tuple[str, ...]) -> Mapping[str, str]:
@@ -363,10 +417,15 @@ def format_explain(result: Mapping[str, Any]) -> str:
                 f"    {c['site']:<{width}}  {dist:>9}  {c['health']:<8} observed "
                 f"{c['observed']:<7} override {c['override']}"
                 + (" stale" if c["stale"] else "")
+                + _balance_marks(c)
                 + mark
             )
+    for b in result.get("balancing", []):
+        row("passed", f"{b['site']}: {b['reason']}: {b['detail']}")
     for c in result.get("chosen", []):
         row("chosen", f"{c['site']} ({', '.join(c['addresses']) or 'no usable address'})")
+    if result.get("ttl_cap_s") is not None:
+        row("TTL", f"at most {result['ttl_cap_s']} s (a site of the pool is changing)")
     if result.get("ecs_scope") is not None:
         row("ECS scope", f"/{result['ecs_scope']}")
     row("outcome", result["outcome"])
