@@ -199,6 +199,9 @@ class App:
             follow=not self.run_checker,
             notify=self.config.store.notify,
         )
+        # capacity windows: the answers each site was offered, per pool (summed over
+        # the workers when there are some)
+        self.health.counters = lambda: self.stats.pool_offered
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
         self.dns = DnsServer(self.cache.handle if self.cache else self.handler.handle, limits)
@@ -297,6 +300,14 @@ class App:
             self.config = new
             self._reload_cookies()
             if self.health is not None:
+                # load-balancing settings of [checks] apply at once; quorum ones at restart
+                fresh = HealthPolicy.from_config(new.checks)
+                self.health.policy = replace(
+                    self.health.policy,
+                    ramp=fresh.ramp,
+                    damping=fresh.damping,
+                    settle_s=fresh.settle_s,
+                )
                 self.health.update_config(new.sites, new.site_checks, new.pools)
             if pools_changed:
                 self.reloader.forget_digests(only_geo=True)

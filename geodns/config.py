@@ -150,6 +150,39 @@ class ChecksConfig:
         "below it the last decision is kept and flagged stale",
         2,
     )
+    # -- load balancing (README "Load balancing")
+    ramp_s: float = _doc(
+        "slow start: a site back in service (UP again, undrained, released from damping) "
+        "gets its clients back in steps over this many seconds, chosen by client-prefix "
+        "hash; 0 = all at once (300 is a good start)",
+        0.0,
+    )
+    ramp_step_s: float = _doc("slow start and ramped drains move clients every this often", 30.0)
+    ramp_start: float = _doc(
+        "share of its clients a site gets back at once (a ramped drain takes this away "
+        "at once); then equal steps to 100 %",
+        0.1,
+    )
+    flap_max: int = _doc(
+        "flap damping: a site (or a checked address) changing state more than this many "
+        "times within flap_window_s is held DOWN; 0 = off (4 is a good start)",
+        0,
+    )
+    flap_window_s: float = _doc("flap damping: the window state changes are counted in", 600.0)
+    flap_penalty_s: float = _doc(
+        "flap damping: the first hold; each further hold while earlier ones are "
+        "remembered lasts twice as long",
+        120.0,
+    )
+    flap_penalty_max_s: float = _doc("flap damping: the longest hold", 3600.0)
+    flap_decay_s: float = _doc(
+        "flap damping: each this many quiet seconds after a hold forget one doubling", 1800.0
+    )
+    settle_s: float = _doc(
+        "a site whose state changed counts as changing this long (pools with "
+        "ttl_under_change_s answer with that TTL meanwhile, as while it ramps or is damped)",
+        300.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -339,8 +372,41 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r}: {exc}") from None
 
 
-_SITE_KEYS = {"ipv4", "ipv6", "lat", "lon", "city", "country", "weight", "capacity", "check"}
-_POOL_KEYS = {"members", "rules", "fallback", "default"}
+# [sites.NAME] keys
+SITE_KEYS_DOC: dict[str, str] = {
+    "ipv4": "list of IPv4 addresses answered for the site",
+    "ipv6": "list of IPv6 addresses answered for the site",
+    "lat": "latitude (with lon), -90..90",
+    "lon": "longitude (with lat), -180..180",
+    "city": "city name from the city table (with country), instead of lat/lon",
+    "country": "ISO 3166 alpha-2 code of the city",
+    "weight": "share among equally good sites of a pool, >= 0 (default 1; 0 = only when "
+    "the others are unusable)",
+    "capacity": "most of a pool's answers the site takes, 0 < capacity <= 1 (default 1): "
+    "above it, a hashed share of its clients goes to the next site",
+    "address_weights": "table address = weight: share among the site's own addresses "
+    "when max_answers cuts them (default 1 each)",
+    "check": "the health check table [sites.NAME.check]",
+}
+# [pools.NAME] keys
+POOL_KEYS_DOC: dict[str, str] = {
+    "members": "the sites of the pool",
+    "rules": "list of {country|continent|cidr = ..., sites = [...]}; a nested list in "
+    "sites is a group of equally good sites, e.g. [['uk', 'ams'], 'fra']",
+    "fallback": "'nearest' (great-circle distance) or 'default' (the default list)",
+    "default": "ordered site list (nested lists are groups of equal sites)",
+    "tie_km": "nearest: sites within this many km of each other are equally good and "
+    "share clients by weight (default 0: only exact ties)",
+    "max_answers": "most addresses in one answer, 0 = all of the chosen sites' (default)",
+    "answer_order": "how a choice among equals is made: 'sticky' (default: by a hash of "
+    "the client's /24 or /56, the ECS scope covers it) or 'shuffle' (rotating weighted "
+    "orderings, per answer)",
+    "window_s": "capacity shares are measured over windows of this many seconds (60)",
+    "ttl_under_change_s": "while a member ramps, is damped or changed state within "
+    "[checks] settle_s, answers use at most this TTL; 0 = off (default)",
+}
+_SITE_KEYS = set(SITE_KEYS_DOC)
+_POOL_KEYS = set(POOL_KEYS_DOC)
 _RULE_KINDS = ("cidr", "country", "continent")
 _RULE_KEYS = "cidr, country, continent, sites"
 _CONTINENTS = {"AF", "AN", "AS", "EU", "NA", "OC", "SA"}
@@ -406,6 +472,17 @@ def _parse_site(
     capacity = _coerce(table.get("capacity", 1.0), float, f"{where}.capacity", problems)
     if not 0 < capacity <= 1:
         problems.append(f"{where}.capacity: must be within (0, 1], a share of the pool")
+    raw_weights = _coerce(
+        table.get("address_weights", {}), dict[str, int], f"{where}.address_weights", problems
+    )
+    address_weights: list[tuple[str, int]] = []
+    for addr, w in raw_weights.items():
+        if addr not in (*v4, *v6):
+            problems.append(f"{where}.address_weights.{addr}: not an address of the site")
+        elif w < 0:
+            problems.append(f"{where}.address_weights.{addr}: must be >= 0")
+        else:
+            address_weights.append((addr, w))
     spec = None
     if "check" in table:
         defaults = {
@@ -430,8 +507,31 @@ def _parse_site(
                 problems.append(f"{where}.check.interval_s: must be > 0")
             if spec.down_thresh < 1 or spec.up_thresh < 1:
                 problems.append(f"{where}.check: down_thresh and up_thresh must be >= 1")
-    site = Site(name, v4, v6, lat, lon, weight, capacity)
+    site = Site(name, v4, v6, lat, lon, weight, capacity, tuple(address_weights))
     return site, spec
+
+
+def _site_groups(
+    value: Any, where: str, problems: list[str]
+) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """A site list whose entries are names or lists of equally good names:
+    (flat order, groups); groups is empty when no entry is a list."""
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of site names (a nested list: equal sites)")
+        return (), ()
+    groups: list[tuple[str, ...]] = []
+    nested = False
+    for i, entry in enumerate(value):
+        if isinstance(entry, list):
+            nested = True
+            group = _coerce(entry, tuple[str, ...], f"{where}[{i}]", problems)
+            if not group:
+                problems.append(f"{where}[{i}]: an empty group")
+            groups.append(group)
+        else:
+            groups.append((_coerce(entry, str, f"{where}[{i}]", problems),))
+    flat = tuple(n for g in groups for n in g)
+    return flat, tuple(groups) if nested else ()
 
 
 def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: list[str]) -> Pool:
@@ -450,7 +550,7 @@ def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: li
     fallback = _coerce(table.get("fallback", "nearest"), str, f"{where}.fallback", problems)
     if fallback not in ("nearest", "default"):
         problems.append(f"{where}.fallback: {fallback!r} (allowed: nearest, default)")
-    default = _coerce(table.get("default", []), tuple[str, ...], f"{where}.default", problems)
+    default, default_groups = _site_groups(table.get("default", []), f"{where}.default", problems)
     if fallback == "default" and not default:
         problems.append(f"{where}.default: required when fallback = 'default'")
     for s in default:
@@ -488,14 +588,43 @@ def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: li
             match = match.upper()
             if match not in _CONTINENTS:
                 problems.append(f"{rw}.continent: {match!r} (allowed: {sorted(_CONTINENTS)})")
-        rule_sites = _coerce(r.get("sites", []), tuple[str, ...], f"{rw}.sites", problems)
+        rule_sites, groups = _site_groups(r.get("sites", []), f"{rw}.sites", problems)
         if not rule_sites:
             problems.append(f"{rw}.sites: a rule needs at least one site")
         for s in rule_sites:
             if s not in members:
                 problems.append(f"{rw}.sites: {s!r} is not a member of the pool")
-        rules.append(Rule(kind, match, rule_sites))
-    return Pool(name, members, tuple(rules), fallback, default)
+        rules.append(Rule(kind, match, rule_sites, groups))
+    tie_km = _coerce(table.get("tie_km", 0.0), float, f"{where}.tie_km", problems)
+    if tie_km < 0:
+        problems.append(f"{where}.tie_km: must be >= 0")
+    max_answers = _coerce(table.get("max_answers", 0), int, f"{where}.max_answers", problems)
+    if max_answers < 0:
+        problems.append(f"{where}.max_answers: must be >= 0 (0 = every address)")
+    order = _coerce(table.get("answer_order", "sticky"), str, f"{where}.answer_order", problems)
+    if order not in ("sticky", "shuffle"):
+        problems.append(f"{where}.answer_order: {order!r} (allowed: sticky, shuffle)")
+    window_s = _coerce(table.get("window_s", 60.0), float, f"{where}.window_s", problems)
+    if window_s <= 0:
+        problems.append(f"{where}.window_s: must be > 0")
+    ttl_change = _coerce(
+        table.get("ttl_under_change_s", 0), int, f"{where}.ttl_under_change_s", problems
+    )
+    if ttl_change < 0:
+        problems.append(f"{where}.ttl_under_change_s: must be >= 0 (0 = off)")
+    return Pool(
+        name,
+        members,
+        tuple(rules),
+        fallback,
+        default,
+        default_groups,
+        tie_km,
+        max_answers,
+        order,
+        window_s,
+        ttl_change,
+    )
 
 
 def _check_rrl(rrl: RrlConfig, where: str) -> list[str]:
@@ -584,6 +713,16 @@ def load_config(path: str | Path | None = None) -> Config:
         problems.append(f"{where}: checks.quorum: {checks.quorum!r} (allowed: auto, on, off)")
     if checks.quorum_min_votes < 1:
         problems.append(f"{where}: checks.quorum_min_votes: must be >= 1")
+    for key in ("ramp_s", "flap_max", "settle_s"):
+        if getattr(checks, key) < 0:
+            problems.append(f"{where}: checks.{key}: must be >= 0 (0 = off)")
+    for key in ("ramp_step_s", "flap_window_s", "flap_penalty_s", "flap_decay_s"):
+        if getattr(checks, key) <= 0:
+            problems.append(f"{where}: checks.{key}: must be > 0")
+    if checks.flap_penalty_max_s < checks.flap_penalty_s:
+        problems.append(f"{where}: checks.flap_penalty_max_s: must be >= flap_penalty_s")
+    if not 0 < checks.ramp_start <= 1:
+        problems.append(f"{where}: checks.ramp_start: must be within (0, 1]")
     base = cfg_path.parent
 
     def rel(p: str, default: Path) -> str:

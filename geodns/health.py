@@ -5,8 +5,22 @@ fold it into a per-site verdict, apply overrides, the partition guard and the st
 lease, and publish a new GeoState when anything an answer depends on changed. The store
 is the record (transitions, overrides, audit); the DNS path only ever sees the View.
 
-Every time-driven change (override expiry, stale lease) is a scheduled publish: `tick()`
-runs at the next deadline; the query path never reads a clock.
+Every time-driven change (override expiry, stale lease, ramp step, damping release,
+capacity window) is a scheduled publish: `tick()` runs at the next deadline; the query
+path never reads a clock.
+
+Load balancing (README "Load balancing"; the arithmetic is geodns.balance):
+- flap damping: a target whose state changed more than `flap_max` times within
+  `flap_window_s` is held DOWN for a penalty growing with repeated flapping, replayed
+  from the transition log (this node's, or the quorum's in shared mode) so every node
+  holds the same sites; precedence override > damping > observed health;
+- slow start: a site that turns usable again (check, undrain, damping release) answers
+  a growing share of its clients over `ramp_s`; a DOWN override with `ramp_s` drains
+  the same way, down;
+- "changing": ramping, damped, or its effective state flipped within `settle_s`: pools
+  with `ttl_under_change_s` answer with that shorter TTL;
+- capacity: every pool's window (`window_s`) of the handler's offered counters is rolled
+  into spill fractions (balance.ShareWindow).
 
 Several nodes sharing one store (issue 10, "shared mode"): each node's checker records
 its own verdicts (its votes); what the DNS path sees comes from the quorum of every
@@ -26,14 +40,14 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from . import quorum
+from . import balance, quorum
 from .checker import Checker, CheckEvent, ProbeResult, SiteVerdict, plan_targets, site_health
 from .errors import ConfigError, StoreError
-from .model import CheckSpec, Health, Override, Pool, Site, SiteState
-from .store import NodeRow, OverrideRow, QuorumSnapshot, Store
+from .model import CheckSpec, Health, Override, Pool, PoolBalance, Site, SiteState
+from .store import QUORUM_NODE, NodeRow, OverrideRow, QuorumSnapshot, Store
 from .view import GeoState, ViewHolder, next_version
 
 if TYPE_CHECKING:
@@ -61,6 +75,9 @@ class HealthPolicy:
     all_down: str = "open"
     quorum: str = "auto"  # auto | on | off
     quorum_min_votes: int = 2
+    ramp: balance.RampPolicy = field(default_factory=balance.RampPolicy)
+    damping: balance.DampingPolicy = field(default_factory=balance.DampingPolicy)
+    settle_s: float = 300.0  # "recently changed state", for TTL under change
 
     @classmethod
     def from_config(cls, checks: ChecksConfig) -> HealthPolicy:
@@ -71,6 +88,15 @@ class HealthPolicy:
             stale_intervals=checks.stale_intervals,
             quorum=checks.quorum,
             quorum_min_votes=checks.quorum_min_votes,
+            ramp=balance.RampPolicy(checks.ramp_s, checks.ramp_step_s, checks.ramp_start),
+            damping=balance.DampingPolicy(
+                checks.flap_max,
+                checks.flap_window_s,
+                checks.flap_penalty_s,
+                checks.flap_penalty_max_s,
+                checks.flap_decay_s,
+            ),
+            settle_s=checks.settle_s,
         )
 
 
@@ -96,6 +122,8 @@ class SiteInfo:
     last_verdict_at: float | None = None
     # shared mode: the quorum's tally per target (address or None); empty otherwise
     votes: dict[str | None, quorum.Tally] = field(default_factory=dict)
+    # flap damping of the site as a whole: held until, holds remembered, recent changes
+    damping: balance.DampState = field(default_factory=balance.DampState)
 
 
 def effective_states(
@@ -104,26 +132,55 @@ def effective_states(
     overrides: Mapping[str, OverrideRow],
     stale: Mapping[str, bool],
     now: float,
+    holds: Mapping[TargetKey, float] | None = None,
+    ramp: balance.RampPolicy | None = None,
 ) -> dict[str, SiteState]:
     """The one function that decides what the DNS path sees for every site.
 
-    Precedence: an unexpired override, then the observed verdict. Expired overrides
-    are ignored here even before the store deletes them.
+    Precedence: an unexpired override, then flap damping (`holds`: target -> held DOWN
+    until; a site's own target holds the site, an address's holds that address), then
+    the observed verdict. Expired overrides are ignored here even before the store
+    deletes them. A DOWN override with `ramp_s` is a ramped drain: until created_at +
+    ramp_s the site still answers a shrinking share of its clients (`ramp` steps).
     """
     out: dict[str, SiteState] = {}
+    holds = holds or {}
     for name in sites:
         v = verdicts.get(name)
         ov = overrides.get(name)
         override = Override.OBEY
+        fraction, kind, until = 1.0, "", None
         if ov is not None and (ov.expires_at is None or ov.expires_at > now):
             override = ov.state
+            if ov.state is Override.DOWN and ov.ramp_s and now < ov.created_at + ov.ramp_s:
+                policy = _override_ramp(ov, ramp)
+                override = Override.OBEY  # not drained yet: on its way down
+                fraction = balance.drain_fraction(now - ov.created_at, policy)
+                kind, until = "down", ov.created_at + ov.ramp_s
+        address_down = v.address_down if v else frozenset()
+        held_site = holds.get((name, None))
+        held_addresses = frozenset(
+            a for a in (*sites[name].ipv4, *sites[name].ipv6) if (name, a) in holds
+        )
         out[name] = SiteState(
             observed=v.observed if v else Health.UNKNOWN,
             override=override,
-            address_down=v.address_down if v else frozenset(),
+            address_down=address_down | held_addresses,
             stale=stale.get(name, False),
+            damped=held_site is not None,
+            damped_until=held_site,
+            damped_addresses=held_addresses,
+            ramp=fraction,
+            ramp_kind=kind,
+            ramp_until=until,
         )
     return out
+
+
+def _override_ramp(ov: OverrideRow, ramp: balance.RampPolicy | None) -> balance.RampPolicy:
+    """The ramp of an override with ramp_s: its duration, the configured steps."""
+    base = ramp or balance.RampPolicy()
+    return balance.RampPolicy(ov.ramp_s or 0.0, base.step_s, base.start)
 
 
 class HealthManager:
@@ -186,6 +243,17 @@ class HealthManager:
         self._wake = asyncio.Event()
         self._listen_stop = threading.Event()
         self._listener: threading.Thread | None = None
+        # -- load balancing (see the module docstring)
+        self.flaps: dict[TargetKey, list[float]] = {}  # state-change times per target
+        self._holds: dict[TargetKey, float] = {}  # damped targets -> held until
+        self._usable: dict[str, bool] = {}  # per site, as last computed
+        self._back_at: dict[str, tuple[float, balance.RampPolicy]] = {}  # slow starts
+        self._changed_at: dict[str, float] = {}  # per site: last flip of usability
+        self.share_window = balance.ShareWindow()
+        self.balance: dict[str, PoolBalance] = {}
+        # the DNS path's offered counters (handler.Stats.pool_offered), set by the app;
+        # None: no capacity windows (a standalone checker answers no DNS)
+        self.counters: Callable[[], Mapping[tuple[str, str], int]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -211,6 +279,8 @@ class HealthManager:
         if self.store is not None and self._quorum_wanted(self.store):
             # the quorum's decisions are in the view before the first answer
             await self._go_shared()
+        else:
+            await self._load_flaps()  # flapping is remembered across a restart
         self.publish()
         if self.run_checker:
             self._checker = Checker(
@@ -411,6 +481,7 @@ class HealthManager:
             self.overrides = dict(snap.overrides)
         self.syncs += 1
         self.last_sync_at = self.clock()
+        await self._load_flaps()
         self.publish()
 
     def nodes_report(self, snapshot: QuorumSnapshot | None = None) -> dict[str, Any]:
@@ -470,6 +541,7 @@ class HealthManager:
                         info.health, info.since = row.state, row.since
                     if node in seen:
                         self.last_verdict_at[site] = seen[node]
+                await self._load_flaps()
                 self.publish()
             await asyncio.sleep(self._period_s())
 
@@ -554,6 +626,8 @@ class HealthManager:
                 ),
                 wake=True,  # shared mode: our vote changed, re-decide
             )
+            if not self.shared and _is_flap(old, new):
+                self._note_flap(key, now)
             if new is Health.DOWN:
                 # what answers used before this flip, in case the guard trips
                 self._before_down[ev.site] = self.holder.view.geo.states.get(ev.site, SiteState())
@@ -611,17 +685,26 @@ class HealthManager:
 
     # -- overrides -------------------------------------------------------------------
     async def set_override(
-        self, site: str, state: Override, reason: str, who: str, expires_in_s: float | None
+        self,
+        site: str,
+        state: Override,
+        reason: str,
+        who: str,
+        expires_in_s: float | None,
+        ramp_s: float | None = None,
     ) -> OverrideRow:
-        """Force a site UP/DOWN now (next answer), store it (audited), expire it later."""
+        """Force a site UP/DOWN now (next answer), store it (audited), expire it later.
+
+        `ramp_s`: DOWN drains the site's clients over that time (a ramped drain), UP
+        brings them back over it (slow start) instead of `[checks] ramp_s`."""
         now = self.clock()
         expires_at = now + expires_in_s if expires_in_s else None
         if self.store is not None:
             row = await asyncio.to_thread(
-                self.store.set_override, site, state, reason, who, expires_at
+                self.store.set_override, site, state, reason, who, expires_at, ramp_s
             )
         else:
-            row = OverrideRow(site, state, reason, who, now, expires_at)
+            row = OverrideRow(site, state, reason, who, now, expires_at, ramp_s or None)
         self._override_gen += 1
         self.overrides[site] = row
         log.warning("override: site=%s state=%s by=%s reason=%s", site, state.value, who, reason)
@@ -662,7 +745,15 @@ class HealthManager:
                 seen = self.last_verdict_at.get(site)
                 lease = self.policy.stale_intervals * spec.interval_s
                 stale[site] = seen is not None and now - seen > lease
-        return effective_states(self.sites, verdicts, self.overrides, stale, now)
+        return effective_states(
+            self.sites,
+            verdicts,
+            self.overrides,
+            stale,
+            now,
+            self._damping_holds(now),
+            self.policy.ramp,
+        )
 
     def _compute_shared(self, now: float) -> dict[str, SiteState]:
         """Shared mode: the quorum's decisions; cut off from the store, the last ones,
@@ -681,29 +772,180 @@ class HealthManager:
             spec = self.specs.get(site)
             if spec is not None and spec.kind != "none":
                 stale[site] = not self.db_ok or site in self.no_quorum
-        return effective_states(self.sites, verdicts, self.overrides, stale, now)
+        return effective_states(
+            self.sites,
+            verdicts,
+            self.overrides,
+            stale,
+            now,
+            self._damping_holds(now),
+            self.policy.ramp,
+        )
 
     def publish(self, force: bool = False) -> None:
         """Recompute and publish a new GeoState if anything changed; reschedule timers."""
         now = self.clock()
-        states = self.compute(now)
+        states = self._ramped(now, self.compute(now))
         geo = self.holder.view.geo
         pools = self._pools if self._pools is not None else geo.pools
-        if force or states != dict(geo.states) or geo.sites != self.sites:
+        if self.counters is not None:
+            self.balance = self.share_window.roll(
+                now, self.counters(), pools, self.sites, self.balance
+            )
+        if (
+            force
+            or states != dict(geo.states)
+            or geo.sites != self.sites
+            or self.balance != dict(geo.balance)
+        ):
             changed = {n for n in states if geo.states.get(n) != states[n]}
+            rebalanced = {
+                name
+                for name in set(self.balance) | set(geo.balance)
+                if self.balance.get(name) != geo.balance.get(name)
+            }
             version = next_version()
             pool_versions = {
                 name: version
-                if force or changed & set(pool.members)
+                if force or changed & set(pool.members) or name in rebalanced
                 else geo.pool_versions.get(name, 0)
                 for name, pool in pools.items()
             }
-            self.holder.publish_geo(GeoState(self.sites, pools, states, version, pool_versions))
+            self.holder.publish_geo(
+                GeoState(self.sites, pools, states, version, pool_versions, dict(self.balance))
+            )
             self.changed.set()
         self._schedule(now)
 
-    def _schedule(self, now: float) -> None:
-        """Arm one timer for the next time-driven change (override expiry, stale lease)."""
+    # -- load balancing ----------------------------------------------------------------
+    def _damping_holds(self, now: float) -> dict[TargetKey, float]:
+        """Targets held DOWN for flapping at `now` -> until when (replayed from the log)."""
+        policy = self.policy.damping
+        holds: dict[TargetKey, float] = {}
+        if policy.enabled:
+            for key, times in self.flaps.items():
+                held = balance.damping(times, now, policy).held_until
+                if held is not None:
+                    holds[key] = held
+            for key in holds.keys() - self._holds.keys():
+                log.warning(
+                    "damping: site=%s address=%s flapping: held DOWN until %.0f",
+                    key[0],
+                    key[1] or "-",
+                    holds[key],
+                )
+        self._holds = holds
+        return holds
+
+    def _note_flap(self, key: TargetKey, at: float) -> None:
+        """This node's checker saw a state change (the log gets the same row)."""
+        if not self.policy.damping.enabled:
+            return
+        horizon = at - self.policy.damping.horizon_s
+        times = [t for t in self.flaps.get(key, ()) if t >= horizon]
+        times.append(at)
+        self.flaps[key] = times
+
+    async def _load_flaps(self) -> None:
+        """Re-read recent state changes from the transition log (the damping input).
+
+        Shared mode: the quorum's decisions (every node reads the same rows, so every
+        node holds the same targets); else this node's own checker's rows (a follower:
+        every checker's)."""
+        if self.store is None or not self.policy.damping.enabled:
+            return
+        store = self.store
+        since = self.clock() - self.policy.damping.horizon_s
+        try:
+            rows = await asyncio.to_thread(_recent_transitions, store, since)
+        except (StoreError, ValueError) as exc:
+            log.warning("damping: cannot read the transition log: %s", exc)
+            return
+        flaps: dict[TargetKey, list[float]] = {}
+        for r in rows:
+            if self.shared:
+                mine = r.node_id == QUORUM_NODE
+            elif self.run_checker:
+                mine = r.node_id == store.node_id
+            else:
+                mine = r.node_id != QUORUM_NODE
+            if mine and _is_flap(r.old, r.new):
+                flaps.setdefault((r.site, r.address), []).append(r.at)
+        self.flaps = flaps
+
+    def _ramp_for(self, site: str) -> balance.RampPolicy:
+        """The slow start of a site coming back: an UP override's ramp_s, else the policy."""
+        ov = self.overrides.get(site)
+        if ov is not None and ov.state is Override.UP and ov.ramp_s:
+            return _override_ramp(ov, self.policy.ramp)
+        return self.policy.ramp
+
+    def _ramped(self, now: float, states: dict[str, SiteState]) -> dict[str, SiteState]:
+        """Slow starts and the "changing" flag on top of the effective states.
+
+        A site that turns usable (it was not at the previous publish) answers a growing
+        share of its clients from now on; one that turns unusable forgets its ramp.
+        The first publish starts no ramp (a restart must not slow-start every site).
+        """
+        out: dict[str, SiteState] = {}
+        settle = self.policy.settle_s
+        for name, st in states.items():
+            usable = st.usable
+            was = self._usable.get(name)
+            if was is not None and was != usable:
+                self._changed_at[name] = now
+                if usable and (policy := self._ramp_for(name)).enabled:
+                    self._back_at[name] = (now, policy)
+                    log.warning("slow start: site=%s back over %g s", name, policy.ramp_s)
+                elif not usable:
+                    self._back_at.pop(name, None)
+            self._usable[name] = usable
+            back = self._back_at.get(name)
+            if back is not None and not st.ramp_kind:
+                t0, policy = back
+                fraction = balance.ramp_fraction(now - t0, policy)
+                if fraction >= 1.0:
+                    del self._back_at[name]
+                else:
+                    st = replace(st, ramp=fraction, ramp_kind="up", ramp_until=t0 + policy.ramp_s)
+            changed_at = self._changed_at.get(name)
+            if changed_at is not None and now - changed_at >= settle:
+                del self._changed_at[name]
+                changed_at = None
+            if st.ramp < 1.0 or st.damped or st.damped_addresses or changed_at is not None:
+                st = replace(st, changing=True)
+            out[name] = st
+        return out
+
+    def _balance_deadlines(self, now: float) -> list[float]:
+        """When ramps step, holds end, settling ends and capacity windows roll."""
+        deadlines: list[float] = []
+        for t0, policy in self._back_at.values():
+            step = balance.ramp_next_change(now - t0, policy)
+            if step is not None:
+                deadlines.append(t0 + step)
+        for ov in self.overrides.values():
+            if ov.state is Override.DOWN and ov.ramp_s and now < ov.created_at + ov.ramp_s:
+                policy = _override_ramp(ov, self.policy.ramp)
+                step = balance.ramp_next_change(now - ov.created_at, policy)
+                if step is not None:
+                    deadlines.append(ov.created_at + step)
+        deadlines.extend(self._holds.values())
+        deadlines.extend(t + self.policy.settle_s for t in self._changed_at.values())
+        if self.counters is not None:
+            pools = self._pools if self._pools is not None else self.holder.view.geo.pools
+            due = self.share_window.next_due(pools, self.sites)
+            if due is not None:
+                deadlines.append(due)
+        return deadlines
+
+    def next_deadline(self) -> float | None:
+        """The next time-driven change (what the timer is armed for); None: none."""
+        now = self.clock()
+        future = [d for d in self._deadlines(now) if d > now]
+        return min(future) if future else None
+
+    def _deadlines(self, now: float) -> list[float]:
         deadlines = [ov.expires_at for ov in self.overrides.values() if ov.expires_at]
         for site, seen in self.last_verdict_at.items():
             spec = self.specs.get(site)
@@ -711,6 +953,12 @@ class HealthManager:
                 deadline = seen + self.policy.stale_intervals * spec.interval_s
                 if deadline > now:
                     deadlines.append(deadline)
+        return deadlines + self._balance_deadlines(now)
+
+    def _schedule(self, now: float) -> None:
+        """Arm one timer for the next time-driven change (override expiry, stale lease,
+        ramp step, damping release, settling, capacity window)."""
+        deadlines = self._deadlines(now)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -766,7 +1014,27 @@ class HealthManager:
             self.overrides.get(site),
             self.last_verdict_at.get(site),
             {addr: t for (s, addr), t in self.tallies.items() if s == site},
+            balance.damping(self.flaps.get((site, None), ()), self.clock(), self.policy.damping),
         )
+
+
+def _is_flap(old: Health, new: Health) -> bool:
+    """A state change that counts for damping (a first UP after UNKNOWN does not)."""
+    return old is not new and not (old is Health.UNKNOWN and new is Health.UP)
+
+
+def _recent_transitions(store: Store, since: float) -> list[Any]:
+    """Transitions newer than `since`, newest first, read page by page."""
+    out: list[Any] = []
+    before: int | None = None
+    while True:
+        rows, before = store.list_transitions(None, 1000, before)
+        for r in rows:
+            if r.at < since:
+                return out
+            out.append(r)
+        if before is None:
+            return out
 
 
 def _node_report(n: NodeRow, now: float, lease_s: float, votes: dict[str, str]) -> dict[str, Any]:
