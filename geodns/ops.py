@@ -615,6 +615,7 @@ class Api:
                     )
         spec = app.config.site_checks.get(name)
         effective = "drained" if state.drained else "up" if state.usable else "down"
+        damping = health.site_info(name).damping if health is not None else None
         return {
             "name": name,
             "addresses": {"ipv4": list(site.ipv4), "ipv6": list(site.ipv6)},
@@ -629,6 +630,23 @@ class Api:
             "last_check_at": _ts(last_check_at),
             "addresses_down": sorted(state.address_down),
             "override": _override_json(override, now),
+            # load balancing: held DOWN for flapping (override > damping > observed),
+            # slow start / ramped drain, and the short TTL while it changes
+            "damping": {
+                "damped": state.damped,
+                "until": _ts(state.damped_until),
+                "addresses": sorted(state.damped_addresses),
+                "level": damping.level if damping is not None else 0,
+                "recent_changes": damping.flaps if damping is not None else 0,
+            },
+            "ramp": None
+            if not state.ramp_kind
+            else {
+                "kind": state.ramp_kind,
+                "share": state.ramp,
+                "until": _ts(state.ramp_until),
+            },
+            "changing": state.changing,
             "check": None
             if spec is None
             else {
@@ -699,6 +717,8 @@ class Api:
                 "state": '"down" (drain) or "up" (force in)',
                 "reason": "why, for the audit log",
                 "expires_in_s": "seconds until the override ends by itself; omit for never",
+                "ramp_s": "move the site's clients gradually over this many seconds: a "
+                "down override drains them in steps, an up one brings them back in steps",
             },
             ("state", "reason"),
         )
@@ -718,10 +738,19 @@ class Api:
                     f"expires_in_s: must be within 0 < s <= {MAX_EXPIRES_IN_S:.0f} (366 days)",
                     field="expires_in_s",
                 )
+        ramp_s = body.get("ramp_s")
+        if ramp_s is not None and (
+            isinstance(ramp_s, bool)
+            or not isinstance(ramp_s, int | float)
+            or not 0 <= ramp_s <= MAX_EXPIRES_IN_S
+        ):
+            raise ApiError(400, "ramp_s: must be a number of seconds, 0 or more", field="ramp_s")
         health = self._health()
         who = self._who(request)
         try:
-            await health.set_override(name, Override(state_text), reason, who, expires)
+            await health.set_override(
+                name, Override(state_text), reason, who, expires, float(ramp_s or 0) or None
+            )
         except ValueError as exc:
             raise ApiError(400, f"expires_in_s: {exc}", field="expires_in_s") from None
         except StoreError as exc:
@@ -959,6 +988,7 @@ def _override_json(row: OverrideRow | None, now: float) -> dict[str, Any] | None
         "created_at": _ts(row.created_at),
         "expires_at": _ts(row.expires_at),
         "expires_in_s": None if row.expires_at is None else round(row.expires_at - now, 3),
+        "ramp_s": row.ramp_s,
     }
 
 
@@ -1025,6 +1055,7 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "expires_at": _TIME,
             "expires_in_s": {"type": ["number", "null"]},
+            "ramp_s": {"type": ["number", "null"]},
         }
     ),
     "OverrideRequest": _obj(
@@ -1035,6 +1066,12 @@ _SCHEMAS: dict[str, Any] = {
                 "type": ["number", "null"],
                 "exclusiveMinimum": 0,
                 "maximum": MAX_EXPIRES_IN_S,
+            },
+            "ramp_s": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": MAX_EXPIRES_IN_S,
+                "description": "move the site's clients in steps over this time",
             },
         },
         required=("state", "reason"),
@@ -1075,6 +1112,25 @@ _SCHEMAS: dict[str, Any] = {
             "last_check_at": _TIME,
             "addresses_down": _STRS,
             "override": _nullable(_ref("Override")),
+            "damping": _obj(
+                {
+                    "damped": {"type": "boolean", "description": "held DOWN for flapping"},
+                    "until": _TIME,
+                    "addresses": _STRS,
+                    "level": {"type": "integer", "description": "holds remembered"},
+                    "recent_changes": {"type": "integer"},
+                }
+            ),
+            "ramp": _nullable(
+                _obj(
+                    {
+                        "kind": {"enum": ["up", "down"]},
+                        "share": {"type": "number"},
+                        "until": _TIME,
+                    }
+                )
+            ),
+            "changing": {"type": "boolean"},
             "check": _nullable(
                 _obj(
                     {
@@ -1229,6 +1285,15 @@ _SCHEMAS: dict[str, Any] = {
                         "override": _STR,
                         "stale": {"type": "boolean"},
                         "addresses_down": _STRS,
+                        "damped": {"type": "boolean"},
+                        "damped_until": {"type": ["number", "null"]},
+                        "damped_addresses": _STRS,
+                        "ramp": {"type": "number"},
+                        "ramp_kind": {"enum": ["up", "down", None]},
+                        "weight": {"type": "integer"},
+                        "capacity": {"type": "number"},
+                        "offered_share": {"type": ["number", "null"]},
+                        "spill": {"type": "number"},
                         "chosen": {"type": "boolean"},
                     }
                 ),
@@ -1238,6 +1303,17 @@ _SCHEMAS: dict[str, Any] = {
             "chosen": {
                 "type": "array",
                 "items": _obj({"site": _STR, "addresses": _STRS}),
+            },
+            "balancing": {
+                "type": "array",
+                "description": "sites that passed this client on: capacity or ramp, and why",
+                "items": _obj(
+                    {"site": _STR, "reason": {"enum": ["capacity", "ramp"]}, "detail": _STR}
+                ),
+            },
+            "ttl_cap_s": {
+                "type": ["integer", "null"],
+                "description": "the pool's TTL under change, while a member is changing",
             },
             "outcome": _STR,
             "decision_scope": {"type": ["integer", "null"]},

@@ -403,7 +403,9 @@ def test_reload_endpoint_needs_a_token_and_is_audited(srv: Ops) -> None:
         (None, b"", "body", "JSON object"),
         ([1, 2], None, "body", "JSON object"),
         ({"state": "down"}, None, "reason", "required"),
-        ({"state": "down", "reason": "x", "ramp_s": 60}, None, "ramp_s", "unknown field"),
+        ({"state": "down", "reason": "x", "ramp_secs": 60}, None, "ramp_secs", "unknown field"),
+        ({"state": "down", "reason": "x", "ramp_s": "5m"}, None, "ramp_s", "number"),
+        ({"state": "down", "reason": "x", "ramp_s": -1}, None, "ramp_s", "number"),
         ({"state": "sideways", "reason": "x"}, None, "state", '"down" or "up"'),
         ({"state": 1, "reason": "x"}, None, "state", '"down" or "up"'),
         ({"state": "down", "reason": ""}, None, "reason", "non-empty"),
@@ -418,6 +420,8 @@ def test_reload_endpoint_needs_a_token_and_is_audited(srv: Ops) -> None:
         "not-object",
         "no-reason",
         "unknown-field",
+        "ramp-not-a-number",
+        "ramp-negative",
         "bad-state",
         "state-type",
         "empty-reason",
@@ -791,8 +795,9 @@ def test_openapi_served_and_responses_match_their_schemas(srv: Ops) -> None:
     # and the request schema rejects what the API rejects
     req = spec["components"]["schemas"]["OverrideRequest"]
     validate({"state": "down", "reason": "x", "expires_in_s": 60}, req, spec)
+    validate({"state": "down", "reason": "x", "ramp_s": 300}, req, spec)
     with pytest.raises(AssertionError):
-        validate({"state": "down", "reason": "x", "ramp_s": 1}, req, spec)
+        validate({"state": "down", "reason": "x", "ramp_secs": 1}, req, spec)
 
 
 def validate(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: str = "$") -> None:
