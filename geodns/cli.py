@@ -249,6 +249,8 @@ def _override_text(ov: Any) -> str:
     text = f"{ov['state']} by {ov['who']}: {ov['reason']}"
     if ov.get("expires_in_s") is not None:
         text += f" (until {_when(ov['expires_at'])}, in {_human_s(ov['expires_in_s'])})"
+    if ov.get("ramp_s"):
+        text += f" (ramped over {_human_s(ov['ramp_s'])})"
     return text
 
 
@@ -308,6 +310,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
             body["expires_in_s"] = parse_duration(args.duration)
         except ValueError as exc:
             raise _ApiFailure(f"--for: {exc}") from None
+    if args.ramp:
+        try:
+            body["ramp_s"] = parse_duration(args.ramp)
+        except ValueError as exc:
+            raise _ApiFailure(f"--ramp: {exc}") from None
     site = _api_call(args, "PUT", f"/v1/sites/{quote(args.site, safe='')}/override", body)
     print(f"{site['name']}: {site['effective']} - {_override_text(site['override'])}")
     return 0
@@ -392,6 +399,10 @@ def _add_ops_commands(sub: Any) -> None:
     drain.add_argument("--reason", required=True, help="why (written to the audit log)")
     drain.add_argument(
         "--for", dest="duration", help="end by itself after e.g. 30m, 1h, 2d (default: never)"
+    )
+    drain.add_argument(
+        "--ramp",
+        help="drain gradually over e.g. 10m: clients leave in steps (default: all at once)",
     )
     _api_options(drain)
     drain.set_defaults(func=cmd_drain)

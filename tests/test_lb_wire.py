@@ -518,3 +518,52 @@ def test_explain_shows_damping_and_ramps(
     if reason == "ramp":
         assert "passed:" in text and "uk: ramp:" in text
         assert out["ecs_scope"] == 24
+
+
+async def test_shared_mode_damping_follows_the_quorums_log_on_every_node(
+    tmp_path: Path,
+) -> None:
+    # several nameservers: the quorum's decisions are logged as transitions of node
+    # "quorum"; each node replays those (not its own votes) and holds the same target
+    from geodns.store import QUORUM_NODE
+
+    clock = Clock()
+    url = f"sqlite:///{tmp_path}/s.db"
+    log_writer = Store(url, QUORUM_NODE, clock=clock).open()
+    votes = Store(url, "node1", clock=clock).open()
+    for i, (old, new) in enumerate([(Health.UP, Health.DOWN), (Health.DOWN, Health.UP)] * 2):
+        log_writer.record_transition("c", None, old, new, "quorum", clock.t + 10 * i)
+    for i in range(6):  # a node's own flapping votes do not count in shared mode
+        votes.record_transition("d", None, Health.UP, Health.DOWN, "vote", clock.t + i)
+    clock.t += 40
+    nodes = []
+    for name in ("node1", "node2"):
+        m = manager(clock, Store(url, name, clock=clock).open(), **DAMPING)
+        m.shared = True
+        await m._load_flaps()
+        nodes.append(m._damping_holds(clock.t))
+    assert nodes[0] == nodes[1] == {("c", None): pytest.approx(clock.t - 10 + 120)}
+
+
+def test_cli_and_api_ramped_drain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from geodns import cli
+    from tests.test_ops import TOKEN, ops_server
+
+    with ops_server(tmp_path) as srv:
+        api = ["--api", srv.base, "--token", TOKEN]
+        base = ["--config", str(srv.config_path)]
+        assert cli.main([*base, "drain", "uk", "--reason", "move", "--ramp", "10m", *api]) == 0
+        assert "(ramped over 10m)" in capsys.readouterr().out
+        site = srv.get("/v1/sites/uk").json
+        assert site["override"]["ramp_s"] == 600
+        assert site["effective"] == "up" and site["changing"]  # on its way down
+        assert site["ramp"]["kind"] == "down" and site["ramp"]["share"] == pytest.approx(0.9)
+        assert site["damping"] == {
+            "damped": False,
+            "until": None,
+            "addresses": [],
+            "level": 0,
+            "recent_changes": 0,
+        }
+        audit = srv.get("/v1/audit").json["items"][0]
+        assert audit["action"] == "override.set" and audit["detail"]["ramp_s"] == 600
