@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_ZONES = 200
 # Files bigger than this are parsed in this process, not in a worker
 BIG_ZONE_BYTES = 4 << 20
+# Zone files at least this big go to the zone cache (smaller ones parse as fast)
+CACHE_MIN_BYTES = 256 << 10
 # Zone files per worker task: big enough to amortise the IPC, small enough that zones
 # start answering early and both workers stay busy until the end
 BATCH_ZONES = 64
@@ -133,14 +135,21 @@ def _signature(path: Path | str) -> Signature | None:
 
 
 # What loading one file gives: path, signature before reading, content digest, the Zone
-# or the problems, and the zone-cache key (None when not cacheable)
-Loaded = tuple[str, Signature | None, str, Zone | None, list[str] | None, str | None]
+# or the problems, the zone-cache key (None when not cached), and whether the cache
+# still lacks this zone (it was parsed, and not written: see load_file's `put`)
+Loaded = tuple[str, Signature | None, str, Zone | None, list[str] | None, str | None, bool]
 
 
 def load_file(
-    path: str, pools: Mapping[str, Pool], cache: ZoneCache | None = None, big_bytes: int = 0
+    path: str,
+    pools: Mapping[str, Pool],
+    cache: ZoneCache | None = None,
+    big_bytes: int = 0,
+    put: bool = True,
+    cache_min_bytes: int = CACHE_MIN_BYTES,
 ) -> Loaded | None:
-    """Read, hash and parse one zone file (in a worker process or this one).
+    """Read, hash and parse one zone file (in a worker process or this one), or take
+    it from the zone cache; write the cache after a parse if `put`.
 
     None if `big_bytes` > 0 and the file is bigger: the caller parses it itself.
     """
@@ -159,34 +168,50 @@ def load_file(
         except FileNotFoundError:
             has_geo = False
     except OSError as exc:
-        return (path, sig, "", None, [f"{path}: {exc}"], None)
+        return (path, sig, "", None, [f"{path}: {exc}"], None, False)
     digest = h.hexdigest()
     key = None
-    if cache is not None and cacheable(data):
+    if cache is not None and len(data) >= cache_min_bytes and cacheable(data):
         key = cache.key(path, digest, pools if has_geo else None)
         zone = cache.get(key)
         if zone is not None:
-            return (path, sig, digest, replace(zone, loaded_at=time.time()), None, key)
+            return (path, sig, digest, replace(zone, loaded_at=time.time()), None, key, False)
     try:
         zone = load_zone(path, pools, data=data)
     except ZoneError as exc:
-        return (path, sig, digest, None, exc.problems, None)
-    if key is not None and cache is not None:
+        return (path, sig, digest, None, exc.problems, None, False)
+    if key is not None and cache is not None and put:
         cache.put(key, zone)
-    return (path, sig, digest, zone, None, key)
+    return (path, sig, digest, zone, None, key, key is not None and not put)
 
 
 def _load_batch(
-    paths: list[str], pools: Mapping[str, Pool], cache_dir: str | None, big_bytes: int
+    paths: list[str],
+    pools: Mapping[str, Pool],
+    cache_dir: str | None,
+    big_bytes: int,
+    cache_min_bytes: int,
 ) -> list[Loaded | str]:
     """Worker-process task: load_file() for each path; a path left as a str is too big
     to send back, the caller parses it."""
     cache = ZoneCache(cache_dir) if cache_dir else None
     out: list[Loaded | str] = []
     for p in paths:
-        item = load_file(p, pools, cache, big_bytes)
+        item = load_file(p, pools, cache, big_bytes, cache_min_bytes=cache_min_bytes)
         out.append(p if item is None else item)
     return out
+
+
+def _compile_batch(
+    paths: list[str], pools: Mapping[str, Pool], cache_dir: str, cache_min_bytes: int
+) -> int:
+    """Background-process task: parse zones and write them to the zone cache."""
+    cache = ZoneCache(cache_dir)
+    written = 0
+    for p in paths:
+        item = load_file(p, pools, cache, cache_min_bytes=cache_min_bytes)
+        written += item is not None and item[3] is not None
+    return written
 
 
 def _freeze() -> None:
@@ -242,6 +267,7 @@ class ZoneReloader:
         clock: Callable[[], float] = time.monotonic,
         cache_dir: Path | None = None,
         load_workers: int | None = None,
+        cache_min_bytes: int = CACHE_MIN_BYTES,
     ) -> None:
         self.directory = directory
         self.catalog = catalog
@@ -263,6 +289,8 @@ class ZoneReloader:
         self.validate = validate
         self._poll_sigs: dict[Path, object] = {}
         self.cache = ZoneCache(cache_dir) if cache_dir is not None else None
+        self.cache_min_bytes = cache_min_bytes
+        self.compiling: threading.Thread | None = None  # the last compile_later()
         self.load_workers = (os.cpu_count() or 1) if load_workers is None else load_workers
         # set once the initial load is over (reload_all waits for it)
         self.loaded = threading.Event()
@@ -333,6 +361,9 @@ class ZoneReloader:
             st.digest = digest
             st.path = str(zone_path)
             st.version = published.version if published is not None else 0
+            sig = self.signatures.get(str(zone_path))
+            if self.cache is not None and sig is not None and sig[1] >= self.cache_min_bytes:
+                self.compile_later([str(zone_path)])  # the next start finds it compiled
             report.loaded.append(origin)
             self.counters.ok += 1
             log.info(
@@ -399,11 +430,14 @@ class ZoneReloader:
             pools = self.pools()
             quiet = len(paths) > 1000  # per-zone lines at debug level, progress at info
             used_keys: set[str] = set()
+            to_compile: list[str] = []
             next_progress = started + 5.0
             for published, item in enumerate(self._load_all(paths, pools), 1):
                 self._publish_loaded(item, report, quiet)
                 if item[5] is not None:
                     used_keys.add(item[5])
+                if item[6]:
+                    to_compile.append(item[0])
                 if published % 1000 == 0:
                     _freeze()
                 if quiet and time.monotonic() > next_progress:
@@ -422,6 +456,7 @@ class ZoneReloader:
                 threading.Thread(
                     target=lambda: cache.prune(used_keys), name="zonecache-prune", daemon=True
                 ).start()
+                self.compile_later(to_compile)
         finally:
             self.loaded.set()
         _freeze()
@@ -433,7 +468,9 @@ class ZoneReloader:
             for p in paths:
                 if self._abort:
                     return
-                one = load_file(p, pools, self.cache)
+                one = load_file(
+                    p, pools, self.cache, put=False, cache_min_bytes=self.cache_min_bytes
+                )
                 assert one is not None
                 yield one
             return
@@ -451,7 +488,12 @@ class ZoneReloader:
 
         def submit(executor: cf.Executor, batch: list[str], big_bytes: int) -> None:
             nonlocal outstanding
-            fut = executor.submit(_load_batch, batch, pools, cache_dir, big_bytes)
+            if executor is local:  # in this process: never pickle a zone for the cache here
+                fut = executor.submit(self._load_here, batch, pools)
+            else:
+                fut = executor.submit(
+                    _load_batch, batch, pools, cache_dir, big_bytes, self.cache_min_bytes
+                )
             fut.add_done_callback(lambda f: finished.put((f, batch)))
             outstanding += 1
 
@@ -484,9 +526,41 @@ class ZoneReloader:
                 _stop_forkserver()
             local.shutdown(wait=True, cancel_futures=True)
 
+    def _load_here(self, paths: list[str], pools: Mapping[str, Pool]) -> list[Loaded | str]:
+        out: list[Loaded | str] = []
+        for p in paths:
+            item = load_file(p, pools, self.cache, put=False, cache_min_bytes=self.cache_min_bytes)
+            assert item is not None
+            out.append(item)
+        return out
+
+    def compile_later(self, paths: list[str]) -> None:
+        """Write these zones to the zone cache from a background process.
+
+        Pickling a million-record zone holds the GIL for seconds: done in this process
+        it would stop answering. The worker parses the file again and writes the result.
+        """
+        if self.cache is None or not paths:
+            return
+        pools = dict(self.pools())
+        cache_dir = str(self.cache.directory)
+        min_bytes = self.cache_min_bytes
+
+        def run() -> None:
+            try:
+                ctx = multiprocessing.get_context("spawn")
+                with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                    n = ex.submit(_compile_batch, paths, pools, cache_dir, min_bytes).result()
+                log.info("zonecache: %d zones compiled for the next start", n)
+            except Exception as exc:  # the cache is an optimisation: never fatal
+                log.warning("zonecache: compiling %d zones failed: %r", len(paths), exc)
+
+        self.compiling = threading.Thread(target=run, name="zonecache-compile", daemon=True)
+        self.compiling.start()
+
     def _publish_loaded(self, item: Loaded, report: ReloadReport, quiet: bool = False) -> None:
         """Publish one initially loaded zone (or record why it was rejected)."""
-        path_s, sig, digest, zone, problems, _ = item
+        path_s, sig, digest, zone, problems, _, _ = item
         origin = origin_from_name(os.path.basename(path_s))
         st = self.status.setdefault(origin, ZoneStatus(origin, path_s))
         self.signatures[path_s] = sig
@@ -558,10 +632,12 @@ class ZoneReloader:
 
     async def _catch_up(self) -> None:
         """Reload what changed between the initial load and the watcher starting."""
+        known = [st.path for st in self.status.values()]
 
         def changed() -> list[Path]:  # O(zones) stats, once: off the event loop
-            paths = set(zone_files(self.directory)) | self.known_paths()
-            return [p for p in paths if _signature(p) != self.signatures.get(str(p))]
+            paths = set(zone_file_names(self.directory))
+            paths.update(known)
+            return [Path(p) for p in paths if _signature(p) != self.signatures.get(p)]
 
         for p in await asyncio.to_thread(changed):
             self._spawn(self.reload_file(p))

@@ -1,5 +1,11 @@
 """Compiled zones on disk, keyed by content: a restart does not parse unchanged zones.
 
+Only big zones are worth it: with the fast reader a small zone parses about as fast as
+its cache file is opened and read (90 vs 75 us, and writing one costs 160 us), while a
+million-record zone unpickles in ~1.5 s instead of parsing in ~10 s. The reloader
+therefore caches files of at least `CACHE_MIN_BYTES`, and writes them from a separate
+process (pickling a million records holds the GIL for seconds).
+
 One file per zone, `<dir>/<key[:2]>/<key>`, holding the pickled Zone (its compact
 `__reduce__` form). The key is a SHA-256 over everything the Zone is built from: the
 zone file's path and content hash (`digest`, which covers the geo overlay too), the
@@ -23,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import zonefast, zones
-from .zones import Zone
+from .zones import Zone, gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,8 @@ class ZoneCache:
             self.misses += 1
             return None
         try:
-            zone = pickle.loads(data)
+            with gc_paused():
+                zone = pickle.loads(data)
         except Exception as exc:  # a truncated or foreign file: parse again
             log.debug("zonecache: %s unusable: %s", key, exc)
             self.misses += 1

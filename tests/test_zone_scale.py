@@ -329,12 +329,23 @@ def zone_fields(z: Zone | None) -> dict[str, Any]:
     return {f.name: getattr(z, f.name) for f in dataclasses.fields(z) if f.name not in skip}
 
 
-def load(zones: Path, cache: Path | None = None, workers: int = 2) -> tuple[Catalog, Any]:
+def load(
+    zones: Path, cache: Path | None = None, workers: int = 2, cache_min_bytes: int = 0
+) -> tuple[Catalog, Any]:
     catalog = Catalog()
     r = ZoneReloader(
-        zones, catalog, {}, lambda: POOLS, watch=False, cache_dir=cache, load_workers=workers
+        zones,
+        catalog,
+        {},
+        lambda: POOLS,
+        watch=False,
+        cache_dir=cache,
+        load_workers=workers,
+        cache_min_bytes=cache_min_bytes,  # small test zones are cached too
     )
     report = r.initial_load()
+    if r.compiling is not None:
+        r.compiling.join(60)
     return catalog, (r, report)
 
 
@@ -389,3 +400,13 @@ def test_zone_cache_key_covers_content_path_and_pools(tmp_path: Path) -> None:
     assert base != c.key("/z/a.test.zone", "d2", None)
     assert base != c.key("/y/a.test.zone", "d1", None)
     assert c.key("/z/a.test.zone", "d1", ["web"]) != c.key("/z/a.test.zone", "d1", ["web2"])
+
+
+def test_zones_parsed_in_this_process_are_compiled_in_the_background(tmp_path: Path) -> None:
+    """Pickling a big zone in the serving process would stall it: a worker does it."""
+    zones, cache = tmp_path / "zones", tmp_path / "zonecache"
+    write_small_zones(zones, 5)
+    _, (cold, _) = load(zones, cache, workers=1)
+    assert cold.cache.hits == 0 and cold.compiling is not None
+    _, (warm, report) = load(zones, cache, workers=1)
+    assert warm.cache.hits == 5 and len(report.loaded) == 5
