@@ -177,7 +177,7 @@ def load_file(
         if zone is not None:
             return (path, sig, digest, replace(zone, loaded_at=time.time()), None, key, False)
     try:
-        zone = load_zone(path, pools, data=data)
+        zone = load_zone(path, pools, data=data, has_geo=has_geo)
     except ZoneError as exc:
         return (path, sig, digest, None, exc.problems, None, False)
     if key is not None and cache is not None and put:

@@ -97,7 +97,7 @@ class ZoneCache:
         try:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f, gc_paused():
                 pickle.dump(zone, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, target)
         except OSError as exc:
