@@ -64,6 +64,8 @@ PARALLEL_MIN_ZONES = 200
 BIG_ZONE_BYTES = 4 << 20
 # Zone files at least this big go to the zone cache (smaller ones parse as fast)
 CACHE_MIN_BYTES = 256 << 10
+# A big zone edited at runtime is compiled into the cache this long after the edit
+COMPILE_DELAY_S = 10.0
 # Zone files per worker task: big enough to amortise the IPC, small enough that zones
 # start answering early and both workers stay busy until the end
 BATCH_ZONES = 64
@@ -290,7 +292,9 @@ class ZoneReloader:
         self._poll_sigs: dict[Path, object] = {}
         self.cache = ZoneCache(cache_dir) if cache_dir is not None else None
         self.cache_min_bytes = cache_min_bytes
-        self.compiling: threading.Thread | None = None  # the last compile_later()
+        self.compiling: threading.Thread | None = None  # see compile_later()
+        self._compile_pending: set[str] = set()
+        self._compile_lock = threading.Lock()
         self.load_workers = (os.cpu_count() or 1) if load_workers is None else load_workers
         # set once the initial load is over (reload_all waits for it)
         self.loaded = threading.Event()
@@ -363,7 +367,8 @@ class ZoneReloader:
             st.version = published.version if published is not None else 0
             sig = self.signatures.get(str(zone_path))
             if self.cache is not None and sig is not None and sig[1] >= self.cache_min_bytes:
-                self.compile_later([str(zone_path)])  # the next start finds it compiled
+                # the next start finds it compiled; an edit burst compiles once
+                self.compile_later([str(zone_path)], delay_s=COMPILE_DELAY_S)
             report.loaded.append(origin)
             self.counters.ok += 1
             log.info(
@@ -534,19 +539,37 @@ class ZoneReloader:
             out.append(item)
         return out
 
-    def compile_later(self, paths: list[str]) -> None:
+    def compile_later(self, paths: list[str], delay_s: float = 0.0) -> None:
         """Write these zones to the zone cache from a background process.
 
         Pickling a million-record zone holds the GIL for seconds: done in this process
         it would stop answering. The worker parses the file again and writes the result.
+        One compiling thread at a time; requests made meanwhile (an edited big zone,
+        edited again) join the next round, after `delay_s`.
         """
         if self.cache is None or not paths:
             return
-        pools = dict(self.pools())
-        cache_dir = str(self.cache.directory)
-        min_bytes = self.cache_min_bytes
+        with self._compile_lock:
+            self._compile_pending.update(paths)
+            if self.compiling is not None and self.compiling.is_alive():
+                return  # the running thread takes them on its next round
+            self.compiling = threading.Thread(
+                target=self._compile_rounds, args=(delay_s,), name="zonecache-compile", daemon=True
+            )
+            self.compiling.start()
 
-        def run() -> None:
+    def _compile_rounds(self, delay_s: float) -> None:
+        assert self.cache is not None
+        cache_dir, min_bytes = str(self.cache.directory), self.cache_min_bytes
+        while True:
+            time.sleep(delay_s)
+            with self._compile_lock:
+                paths = sorted(self._compile_pending)
+                self._compile_pending.clear()
+                if not paths or self._abort:
+                    self.compiling = None
+                    return
+            pools = dict(self.pools())
             try:
                 ctx = multiprocessing.get_context("spawn")
                 with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
@@ -554,9 +577,6 @@ class ZoneReloader:
                 log.info("zonecache: %d zones compiled for the next start", n)
             except Exception as exc:  # the cache is an optimisation: never fatal
                 log.warning("zonecache: compiling %d zones failed: %r", len(paths), exc)
-
-        self.compiling = threading.Thread(target=run, name="zonecache-compile", daemon=True)
-        self.compiling.start()
 
     def _publish_loaded(self, item: Loaded, report: ReloadReport, quiet: bool = False) -> None:
         """Publish one initially loaded zone (or record why it was rejected)."""
