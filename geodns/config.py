@@ -19,6 +19,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.name
+
 from .errors import ConfigError
 from .model import CheckSpec, Pool, Rule, Site
 
@@ -387,6 +390,8 @@ SITE_KEYS_DOC: dict[str, str] = {
     "address_weights": "table address = weight: share among the site's own addresses "
     "when max_answers cuts them (default 1 each)",
     "check": "the health check table [sites.NAME.check]",
+    "cname": "absolute CNAME target answered for this site by geo names of type CNAME "
+    "(e.g. 'uk.cdn.example.net.')",
 }
 # [pools.NAME] keys
 POOL_KEYS_DOC: dict[str, str] = {
@@ -439,8 +444,19 @@ def _parse_site(
             ipaddress.IPv6Address(a)
         except ValueError:
             problems.append(f"{where}.ipv6[{i}]: {a!r} is not an IPv6 address")
-    if not v4 and not v6:
-        problems.append(f"{where}: needs at least one address in ipv4 or ipv6")
+    cname = table.get("cname")
+    if cname is not None:
+        if not isinstance(cname, str) or not cname.endswith(".") or ".." in cname:
+            problems.append(f"{where}.cname: {cname!r} must be an absolute name ending in '.'")
+            cname = None
+        else:
+            try:
+                dns.name.from_text(cname)
+            except dns.exception.DNSException as exc:
+                problems.append(f"{where}.cname: {exc}")
+                cname = None
+    if not v4 and not v6 and not cname:
+        problems.append(f"{where}: needs at least one address in ipv4 or ipv6 (or a cname)")
     lat = lon = 0.0
     if "lat" in table or "lon" in table:
         lat = _coerce(table.get("lat"), float, f"{where}.lat", problems)
@@ -507,7 +523,7 @@ def _parse_site(
                 problems.append(f"{where}.check.interval_s: must be > 0")
             if spec.down_thresh < 1 or spec.up_thresh < 1:
                 problems.append(f"{where}.check: down_thresh and up_thresh must be >= 1")
-    site = Site(name, v4, v6, lat, lon, weight, capacity, tuple(address_weights))
+    site = Site(name, v4, v6, lat, lon, weight, capacity, tuple(address_weights), cname)
     return site, spec
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cookies import CookieJar
-from .model import Decision, IPAddress, IPNetwork, Location, SiteState, Transport
+from .model import CNAME_FAMILY, Decision, IPAddress, IPNetwork, Location, SiteState, Transport
 from .resolver import Answer, resolve
 from .rrl import Action, RateLimiter, response_kind
 from .view import ViewHolder
@@ -48,7 +48,7 @@ from .wire import (
     encode_opt,
     error_reply,
 )
-from .zones import AAAA, AXFR, IXFR, OPT, A, GeoName, RRset, Zone
+from .zones import AAAA, AXFR, CNAME, IXFR, OPT, A, GeoName, RRset, Zone, name_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +499,8 @@ class _Steer:
         if not self.located:
             self.located = True
             self.location = h.locate(self.client) if h.locate is not None else None
-        family = 4 if qtype == A else 6
+        family = 4 if qtype == A else 6 if qtype == AAAA else CNAME_FAMILY
+        count = 1 if family == CNAME_FAMILY else geo.count  # a CNAME RRset has one record
         client = self.client
         # Decisions are memoized per view, pool, location (the GeoIP network's record)
         # and client prefix: the full address only when the pool has CIDR rules.
@@ -515,7 +516,7 @@ class _Steer:
             self.location,
             client_key,
             family,
-            geo.count,
+            count,
             h.settings.all_down,
             h.decide,
         )
@@ -529,7 +530,7 @@ class _Steer:
                 client,
                 self.location,
                 family,
-                geo.count,
+                count,
                 h.settings.all_down,
                 balance=balance,
             )
@@ -554,7 +555,7 @@ class _Steer:
                         client,
                         self.location,
                         family,
-                        geo.count,
+                        count,
                         h.settings.all_down,
                         balance=balance,
                         rotation=rotation,
@@ -570,6 +571,16 @@ class _Steer:
                 # is NODATA for every client alike: SCOPE 0, not the special block's.
                 self.scope_override = 0
             return decision, None
+        if family == CNAME_FAMILY:
+            target = view.sites[decision.sites[0]].cname
+            if target is None:
+                return decision, None
+            wire = _cname_wire(target)
+            ttl = geo.ttl_s
+            if decision.ttl_cap_s is not None and decision.ttl_cap_s < ttl:
+                ttl = decision.ttl_cap_s
+            rr = RRset(geo.owner, CNAME, ttl, (wire,), ((b"", (wire,), b""),), (wire.lower(),))
+            return decision, rr
         addrs: list[bytes] = []
         if decision.addresses is not None:
             # weights or max_answers chose the addresses and their order
@@ -595,6 +606,17 @@ class _Steer:
         if decision.ttl_cap_s is not None and decision.ttl_cap_s < ttl:
             ttl = decision.ttl_cap_s  # a site of the pool is changing: resolvers follow
         return decision, RRset(geo.owner, rtype, ttl, tuple(addrs))
+
+
+def _cname_wire(target: str) -> bytes:
+    """A configured CNAME target in wire format (cached: config names only)."""
+    wire = _CNAME_WIRE.get(target)
+    if wire is None:
+        wire = _CNAME_WIRE[target] = name_to_wire(target)
+    return wire
+
+
+_CNAME_WIRE: dict[str, bytes] = {}
 
 
 def _offered_keys(pool: str, decision: Decision) -> tuple[tuple[str, str], ...]:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# the "family" of a geo decision answered with a per-site CNAME (4 and 6 are A and AAAA)
+CNAME_FAMILY = 0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -50,9 +52,14 @@ class Site:
     capacity: float = 1.0
     # weight of individual addresses among the site's addresses (missing: 1)
     address_weights: tuple[tuple[str, int], ...] = ()
+    # target of a per-site CNAME (absolute, e.g. "uk.cdn.example.net."), for geo names
+    # answered with a CNAME instead of addresses
+    cname: str | None = None
 
     def addresses(self, family: int) -> tuple[str, ...]:
-        """The site's addresses of one family (4 or 6)."""
+        """The site's addresses of one family (4 or 6); family CNAME_FAMILY: its CNAME."""
+        if family == CNAME_FAMILY:
+            return (self.cname,) if self.cname else ()
         return self.ipv4 if family == 4 else self.ipv6
 
     def address_weight(self, address: str) -> int:

@@ -196,9 +196,19 @@ def resolve(
                 for rr in node.values():
                     ans.answer.append((owner, rr, None))
             return ans
-        found_rr = node.get(qtype)
         geo = zone.geo.get(name) if zone.geo else None
-        if geo is not None and qtype in geo.types and steer is not None:
+        if geo is not None and CNAME in geo.types and steer is not None and CNAME in node:
+            # a per-site CNAME: whatever the type asked, the steered CNAME answers (and
+            # is chased like the zone file's), unless the zone record must answer
+            steered = steer(geo, CNAME)
+            if steered is not None:
+                decision, synth = steered
+                ans.decision = decision
+                ans.scope = max(ans.scope, decision.scope)
+                if not decision.use_zone_record and synth is not None:
+                    node = {**node, CNAME: synth}
+        found_rr = node.get(qtype)
+        if geo is not None and qtype in geo.types and qtype != CNAME and steer is not None:
             steered = steer(geo, qtype)
             if steered is not None:
                 decision, synth = steered

@@ -654,16 +654,26 @@ def _check_geo(
 ) -> None:
     problems = []
     geo_path = path[: -len(ZONE_SUFFIX)] + GEO_SUFFIX if path.endswith(ZONE_SUFFIX) else path
-    for key in geo:
+    for key, g in geo.items():
         text = wire_to_text(key)
         node = nodes.get(key)
         if not node:
             problems.append(
                 f"{geo_path}: names.{text}: no record in the zone file; a geo name keeps an "
-                "ordinary A/AAAA record there as the fallback answer"
+                "ordinary record there as the fallback answer"
             )
             continue
-        if CNAME in node:
+        if CNAME in g.types:
+            # RFC 2181 §10.1: per-site CNAMEs only where the zone file's only data is the
+            # fallback CNAME, and never at the apex (which has SOA and NS)
+            if key == origin:
+                problems.append(f"{geo_path}: names.{text}: no CNAME at the zone apex")
+            elif set(node) != {CNAME}:
+                problems.append(
+                    f'{geo_path}: names.{text}: types = ["CNAME"] needs the zone file\'s '
+                    "only data there to be the fallback CNAME"
+                )
+        elif CNAME in node:
             problems.append(f"{geo_path}: names.{text}: the zone file has a CNAME there")
         p = key
         while p != origin:
@@ -724,10 +734,13 @@ def parse_geo(path: Path, origin: str, pools: Mapping[str, Pool]) -> dict[bytes,
             problems.append(f'{where}.types: must be a list like ["A", "AAAA"]')
             types_raw = []
         for t in types_raw:
-            if t not in ("A", "AAAA"):
-                problems.append(f"{where}.types: {t!r} (allowed: A, AAAA)")
+            if t not in ("A", "AAAA", "CNAME"):
+                problems.append(f"{where}.types: {t!r} (allowed: A, AAAA, or CNAME alone)")
             else:
-                types.add(A if t == "A" else AAAA)
+                types.add({"A": A, "AAAA": AAAA, "CNAME": CNAME}[t])
+        if CNAME in types and len(types) > 1:
+            # RFC 2181 §10.1: a CNAME owner has no other data; per-site CNAMEs stand alone
+            problems.append(f"{where}.types: CNAME cannot be combined with A or AAAA")
         ttl = table.get("ttl_s", 60)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 2**31 - 1:
             problems.append(f"{where}.ttl_s: must be an integer number of seconds")
