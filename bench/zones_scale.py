@@ -207,6 +207,7 @@ def start_and_wait(srv: Server, first: str, last: str, timeout_s: float) -> dict
         "ready_s": t_ready - t0,
         "early_rcode": early,
         "rss_mib": rss_mib(srv.proc.pid),
+        "children_mib": children_rss_mib(srv.proc.pid),  # load workers are gone by then
         "load_log": _load_line(srv.log),
     }
 
@@ -278,8 +279,8 @@ def small_zones(args: argparse.Namespace, out: Path) -> list[tuple[str, str]]:
     rows.append(
         (
             f"{n:,} zones: RSS when ready",
-            f"{rss:.0f} MiB; above the 1-zone server: {extra / n:,.0f} B/zone, "
-            f"{extra / records:,.0f} B/record",
+            f"{rss:.0f} MiB (+{cold['children_mib']:.0f} MiB in child processes); above the "
+            f"1-zone server: {extra / n:,.0f} B/zone, {extra / records:,.0f} B/record",
         )
     )
     srv = Server(out / "small", zones)
@@ -289,9 +290,43 @@ def small_zones(args: argparse.Namespace, out: Path) -> list[tuple[str, str]]:
             (f"{n:,} zones: warm start (zone cache), last zone answers", f"{warm['last_s']:.1f} s")
         )
         rows.append((f"{n:,} zones: warm start, /readyz 200", f"{warm['ready_s']:.1f} s"))
+        rows += api_costs(srv, n)
         rows += edits(args, srv, zones, n)
     finally:
         srv.stop()
+    return rows
+
+
+def api_costs(srv: Server, n: int) -> list[tuple[str, str]]:
+    """What one /readyz and one /v1/zones page cost with n zones (ops API, O(zones)?)."""
+    rows = []
+    for path in ("/readyz", "/v1/zones?limit=100"):
+        best = float("inf")
+        for _ in range(3):
+            t = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{srv.api_port}{path}", timeout=30):
+                    pass
+            except urllib.error.HTTPError:
+                pass
+            best = min(best, time.monotonic() - t)
+        rows.append((f"GET {path} with {n:,} zones", f"{best * 1000:.0f} ms"))
+    token = (srv.tmp / "state" / "api-token").read_text().strip()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{srv.api_port}/v1/reload",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    t = time.monotonic()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        body = json.loads(r.read())
+    took = time.monotonic() - t
+    rows.append(
+        (
+            f"POST /v1/reload (what SIGHUP does) with {n:,} zones, none changed",
+            f"{took:.1f} s ({len(body.get('unchanged', []))} unchanged)",
+        )
+    )
     return rows
 
 

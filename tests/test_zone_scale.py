@@ -190,6 +190,22 @@ def test_zone_added_in_new_subdirectory_and_removed_at_runtime(
     assert len(s.app.catalog.zones) == N
 
 
+def test_reload_all_rereads_only_what_changed(many: tuple[Running, Path]) -> None:
+    """SIGHUP / POST /v1/reload looks at every file, in one pass, and reloads one."""
+    s, zones = many
+    j = 777
+    origin = zone_origin(j)
+    write_atomic(zone_path(zones, origin, True), small_zone(j, 9))
+    t = time.monotonic()
+    report = s.call(s.app.reload())
+    took = time.monotonic() - t
+    assert len(report["loaded"]) <= 1  # the watcher may have been first
+    assert len(report["loaded"]) + len(report["unchanged"]) == N
+    assert report["failed"] == {}
+    wait_for(lambda: s.app.zone_status[origin].serial == 9, 2.0)
+    assert took < 10, took
+
+
 # -- while the initial load runs ------------------------------------------------------
 
 
