@@ -18,7 +18,12 @@ reads, hashes and parses its files (the fast reader in zonefast.py, else dnspyth
 sends compact pickled Zones back, and each zone is published as its batch arrives, so
 loaded zones answer while the rest still SERVFAIL. Files larger than `BIG_ZONE_BYTES`
 are parsed in this process instead (one copy of a million records, not two plus a
-pipe). With a `ZoneCache`, unchanged zones are unpickled instead of parsed.
+pipe). With a `ZoneCache`, unchanged big zones (>= `CACHE_MIN_BYTES`) are unpickled
+instead of parsed; a spawned process writes the cache after a load or an edit.
+Worker processes start through multiprocessing's forkserver/spawn, which re-imports the
+main script of the process: a script that runs the server in-process must guard its
+entry point with `if __name__ == "__main__":` (`python -m geodns` and the `geodns`
+command need nothing).
 """
 
 from __future__ import annotations
