@@ -9,7 +9,7 @@ counted in aggregate (100,000 zones must not mean 100,000 series).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from .model import Health, Override
+from .model import Health, Override, SiteState
 from .rrl import COUNT_NAMES
 
 if TYPE_CHECKING:
@@ -97,6 +97,39 @@ class GeoDNSCollector(Collector):
             rrl.add_metric([name], n)
         yield rrl
 
+    # -- load balancing --------------------------------------------------------------------
+    def _balance(self, sites: list[str], states: Mapping[str, SiteState]) -> Iterator[Metric]:
+        """Flap damping, ramps and capacity spill-over as the DNS path sees them."""
+        damped = GaugeMetricFamily(
+            "geodns_site_damped", "1 if the site is held DOWN for flapping", labels=["site"]
+        )
+        ramp = GaugeMetricFamily(
+            "geodns_site_ramp",
+            "Share of its clients the site answers (below 1 during a slow start or a ramped drain)",
+            labels=["site"],
+        )
+        for name in sites:
+            st = states.get(name)
+            if st is None:
+                continue
+            damped.add_metric([name], 1 if st.damped else 0)
+            ramp.add_metric([name], st.ramp)
+        spill = GaugeMetricFamily(
+            "geodns_pool_spill",
+            "Fraction of a site's clients a pool sends on for capacity (last window)",
+            labels=["pool", "site"],
+        )
+        offered = GaugeMetricFamily(
+            "geodns_pool_offered_share",
+            "Site's offered share of a pool's answers on this node over the last window",
+            labels=["pool", "site"],
+        )
+        for pool, b in sorted(self.app.holder.view.geo.balance.items()):
+            for site, share in sorted(b.offered_share.items()):
+                offered.add_metric([pool, site], share)
+                spill.add_metric([pool, site], b.spill.get(site, 0.0))
+        yield from (damped, ramp, spill, offered)
+
     # -- health ----------------------------------------------------------------------------
     def _health(self) -> Iterator[Metric]:
         app = self.app
@@ -131,6 +164,7 @@ class GeoDNSCollector(Collector):
                 override.add_metric([name, o.value], 1 if st.override is o else 0)
             stale.add_metric([name], 1 if st.stale else 0)
         yield from (usable, observed, override, stale)
+        yield from self._balance(sites, states)
 
         health = app.health
         check_ok = GaugeMetricFamily(

@@ -567,3 +567,6 @@ def test_cli_and_api_ramped_drain(tmp_path: Path, capsys: pytest.CaptureFixture[
         }
         audit = srv.get("/v1/audit").json["items"][0]
         assert audit["action"] == "override.set" and audit["detail"]["ramp_s"] == 600
+        metrics = srv.get("/metrics").body.decode()
+        assert 'geodns_site_ramp{site="uk"} 0.9' in metrics
+        assert 'geodns_site_damped{site="uk"} 0.0' in metrics
