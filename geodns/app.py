@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import geo, ops, pick
@@ -30,6 +31,7 @@ from .server import DnsServer, TcpLimits, bind_sockets
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
 from .workers import WorkerPool, worker_stats_loop, worker_stdin_loop
+from .zones import name_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +348,24 @@ class App:
             return False
         self.locator, self.geoip_error = locator, None
         self.handler.locate = locator.locate
+        self._policy_report()
         return True
+
+    def _policy_report(self) -> list[str]:
+        """After a GeoIP update: rerun every zone's policy tests and say loudly what now
+        fails. Not blocking (the zones are unchanged); the next edit of such a zone is
+        refused until its tests pass again."""
+        failed: list[str] = []
+        validate = self.reloader.validate
+        if validate is None:
+            return failed
+        for st in list(self.zone_status.values()):
+            zone = self.catalog.zones.get(name_to_wire(st.origin).lower())
+            if zone is not None:
+                failed += validate(zone, Path(st.path))
+        for problem in failed:
+            log.error("geoip: the new database breaks a policy test: %s", problem)
+        return failed
 
     async def _reload_geoip_every(self, interval_s: float) -> None:
         while True:

@@ -159,3 +159,47 @@ members = ["iad"]
         assert status.error is not None
         assert "case[0]: www.example.com. A: expected fra, got iad" in status.error
         assert de() == {"198.51.100.20"}  # the last good version keeps serving
+
+
+def test_geoip_update_breaking_ip_cases_is_reported_not_blocking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.mmdb_util import city_record, write_test_mmdb
+    from tests.serverutil import make_zone_dir, run_server, write_config
+
+    gb = city_record("GB", "EU", 51.5, -0.13)
+    de = city_record("DE", "EU", 52.5, 13.4)
+    db = write_test_mmdb(tmp_path / "a.mmdb", [("45.0.0.0/24", gb)])
+    zone = (REPO / "zones" / "example.com.zone").read_text()
+    make_zone_dir(
+        tmp_path,
+        {
+            "example.com.zone": zone,
+            "example.com.geo.toml": '[names.www]\npool = "web"\n',
+            "example.com.tests.toml": '[[case]]\nclient = "45.0.0.1"\nname = "www"\n'
+            'expect_site = "uk"\n',
+        },
+    )
+    body = f"""
+[geoip]
+database = "{db}"
+[sites.uk]
+ipv4 = ["198.51.100.10"]
+city = "London"
+country = "GB"
+[sites.fra]
+ipv4 = ["198.51.100.20"]
+city = "Frankfurt am Main"
+country = "DE"
+[pools.web]
+members = ["uk", "fra"]
+"""
+    with run_server(load_config(write_config(tmp_path, body))) as s:
+        assert s.app.zone_status["example.com."].error is None
+        assert s.app._policy_report() == []
+        write_test_mmdb(tmp_path / "b.mmdb", [("45.0.0.0/24", de)])
+        s.app.handler.locate = geo.Locator(tmp_path / "b.mmdb", geo.CountryTable.load()).locate
+        problems = s.app._policy_report()
+        assert len(problems) == 1 and "expected uk, got fra" in problems[0]
+        assert "breaks a policy test" in caplog.text
+        assert s.app.zone_status["example.com."].error is None  # still serving, not blocked
