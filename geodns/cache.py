@@ -121,8 +121,13 @@ class PacketCache:
                 stats.queries[key_s] = stats.queries.get(key_s, 0) + 1
                 if hit_info.ecs:
                     stats.ecs_queries += 1
-                if hit_info.sites:
-                    stats.count_answer(hit_info.sites, hit_info.offered)
+                by_site = stats.answers_by_site
+                for site in hit_info.sites:
+                    by_site[site] = by_site.get(site, 0) + 1
+                if hit_info.offered:
+                    offered = stats.pool_offered
+                    for k in hit_info.offered:
+                        offered[k] = offered.get(k, 0) + 1
                 return data[:2] + tail
         self.misses += 1
         reply, info = self.handler.process(data, addr, transport, turn)

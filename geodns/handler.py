@@ -86,15 +86,6 @@ class Stats:
     # first, or passed the client on for capacity); (pool, "") -> the pool's answers
     pool_offered: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def count_answer(self, sites: tuple[str, ...], offered: tuple[tuple[str, str], ...]) -> None:
-        """One geo answer: the sites in it, and its capacity accounting keys."""
-        by_site = self.answers_by_site
-        for site in sites:
-            by_site[site] = by_site.get(site, 0) + 1
-        pool_offered = self.pool_offered
-        for key in offered:
-            pool_offered[key] = pool_offered.get(key, 0) + 1
-
     def count(self, qtype: int, rcode: int, transport: Transport) -> None:
         key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
         self.queries[key] = self.queries.get(key, 0) + 1
@@ -284,10 +275,18 @@ class Handler:
                 if act:
                     return (self._slip(q, options) if act is Action.SLIP else None), None
         offered: tuple[tuple[str, str], ...] = ()
-        if ans.decision is not None:
-            if steer is not None and steer.last is not None and steer.last[1] is ans.decision:
-                offered = _offered_keys(steer.last[0], ans.decision)
-            self.stats.count_answer(ans.decision.sites, offered)
+        decision = ans.decision
+        if decision is not None:
+            by_site = self.stats.answers_by_site
+            for site in decision.sites:
+                by_site[site] = by_site.get(site, 0) + 1
+            last = steer.last if steer is not None else None
+            if decision.offered and last is not None and last[1] is decision:
+                # a pool with a capacity: account for its windows
+                offered = _offered_keys(last[0], decision)
+                pool_offered = self.stats.pool_offered
+                for k in offered:
+                    pool_offered[k] = pool_offered.get(k, 0) + 1
         if edns is not None and edns.ecs is not None:
             # RFC 7871 §7.2.1: echo FAMILY, SOURCE and ADDRESS; SCOPE is ours.
             scope = ans.scope if steer is not None and ans.decision is not None else 0
@@ -521,8 +520,8 @@ class _Steer:
             h.decide,
         )
         decision = _DECISIONS.get(key)
-        balance = view.balance.get(geo.pool)
         if decision is None:
+            balance = view.balance.get(geo.pool)
             decision = h.decide(
                 pool,
                 view.sites,
@@ -548,6 +547,7 @@ class _Steer:
                 rkey = (*key, rotation)
                 turned = _DECISIONS.get(rkey)
                 if turned is None:
+                    balance = view.balance.get(geo.pool)
                     turned = h.decide(
                         pool,
                         view.sites,
@@ -620,10 +620,19 @@ _CNAME_WIRE: dict[str, bytes] = {}
 
 
 def _offered_keys(pool: str, decision: Decision) -> tuple[tuple[str, str], ...]:
-    """The Stats.pool_offered keys one geo answer bumps (none without a site)."""
-    if not decision.sites:
-        return ()
-    return ((pool, ""), *((pool, site) for site in decision.offered))
+    """The Stats.pool_offered keys one geo answer bumps (none without a site).
+
+    Kept per decision object: memoized decisions come back for every query."""
+    hit = _OFFERED.get(id(decision))
+    if hit is not None and hit[0] is decision and hit[1] == pool:
+        return hit[2]
+    keys: tuple[tuple[str, str], ...] = ()
+    if decision.sites and decision.offered:
+        keys = ((pool, ""), *((pool, site) for site in decision.offered))
+    if len(_OFFERED) >= _MEMO_MAX:
+        _OFFERED.clear()
+    _OFFERED[id(decision)] = (decision, pool, keys)
+    return keys
 
 
 _UP = SiteState()
@@ -632,3 +641,5 @@ _PACKED: dict[str, bytes] = {}
 # memoized geo decisions (see _Steer.__call__); emptied when full
 _DECISIONS: dict[tuple[object, ...], Decision] = {}
 _MEMO_MAX = 65536
+# decision id -> (decision, pool, its Stats.pool_offered keys); see _offered_keys
+_OFFERED: dict[int, tuple[Decision, str, tuple[tuple[str, str], ...]]] = {}

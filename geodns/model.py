@@ -217,7 +217,8 @@ class Decision:
     rotations: int = 1
     # sites passed over for this client: (site, "capacity" | "ramp" | "damped", detail)
     passed: tuple[tuple[str, str, str], ...] = ()
-    # sites whose capacity share this answer counts toward (see PoolBalance)
+    # sites whose capacity share this answer counts toward (see PoolBalance); empty
+    # when no candidate has a capacity below 1 (nothing to account)
     offered: tuple[str, ...] = ()
     # a member of the pool is changing (ramp, damping, recent flip): TTL at most this
     ttl_cap_s: int | None = None

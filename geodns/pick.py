@@ -275,7 +275,10 @@ def decide(
         hashed=walk.hashed,
         rotations=walk.rotations,
         passed=tuple(walk.passed),
-        offered=tuple(walk.offered) if sites_out else (),
+        # capacity accounting only where a member has a capacity to keep
+        offered=tuple(walk.offered)
+        if sites_out and any(sites[n].capacity < 1.0 for n in candidates)
+        else (),
         ttl_cap_s=ttl_cap,
     )
 

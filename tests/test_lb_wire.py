@@ -334,7 +334,10 @@ async def test_slow_start_after_check_failback_steps_by_scheduled_publishes() ->
 
 def test_shuffled_answers_rotate_through_the_packet_cache(tmp_path: Path) -> None:
     addrs = ("198.51.100.1", "198.51.100.2", "198.51.100.3")
-    sites = {"s": Site("s", addrs, (), 51.5, -0.13, address_weights=(("198.51.100.3", 2),))}
+    # capacity below 1: the pool's answers are counted for its capacity windows
+    sites = {
+        "s": Site("s", addrs, (), 51.5, -0.13, capacity=0.9, address_weights=(("198.51.100.3", 2),))
+    }
     pool = Pool("web", ("s",), max_answers=1, answer_order="shuffle")
     db = write_test_mmdb(
         tmp_path / "t.mmdb", [("81.0.0.0/8", city_record("GB", "EU", 51.5, -0.13))]
