@@ -573,3 +573,31 @@ def test_cli_and_api_ramped_drain(tmp_path: Path, capsys: pytest.CaptureFixture[
         metrics = srv.get("/metrics").body.decode()
         assert 'geodns_site_ramp{site="uk"} 0.9' in metrics
         assert 'geodns_site_damped{site="uk"} 0.0' in metrics
+
+
+def test_workers_receive_damping_ramps_and_balance() -> None:
+    from geodns.model import PoolBalance
+    from geodns.workers import apply_states, encode_states
+
+    states = {
+        "uk": SiteState(
+            Health.UP,
+            damped=True,
+            damped_until=123.0,
+            damped_addresses=frozenset({"192.0.2.1"}),
+            address_down=frozenset({"192.0.2.1"}),
+            ramp=0.55,
+            ramp_kind="up",
+            ramp_until=456.0,
+            changing=True,
+        ),
+        "fra": SiteState(Health.DOWN, Override.UP),
+    }
+    bal = {"web": PoolBalance({"uk": 0.25}, {"uk": 0.8, "fra": 0.2}, 1000, 60.0)}
+    main = GeoState(SITES5, {}, states, 7, {"web": 7}, bal)
+    worker = ViewHolder(View(Catalog(), GeoState(SITES5, {}, {})))
+    apply_states(worker, encode_states(main))
+    got = worker.view.geo
+    assert dict(got.states) == states
+    assert dict(got.balance) == bal
+    assert got.version == 7
