@@ -407,6 +407,8 @@ POOL_KEYS_DOC: dict[str, str] = {
     "the client's /24 or /56, the ECS scope covers it) or 'shuffle' (rotating weighted "
     "orderings, per answer)",
     "window_s": "capacity shares are measured over windows of this many seconds (60)",
+    "all_down": "every member observed DOWN: 'open' (default) answers the nearest anyway, "
+    "never a drained one; 'empty' answers NODATA",
     "ttl_under_change_s": "while a member ramps, is damped or changed state within "
     "[checks] settle_s, answers use at most this TTL; 0 = off (default)",
 }
@@ -628,6 +630,9 @@ def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: li
     )
     if ttl_change < 0:
         problems.append(f"{where}.ttl_under_change_s: must be >= 0 (0 = off)")
+    all_down = _coerce(table.get("all_down", "open"), str, f"{where}.all_down", problems)
+    if all_down not in ("open", "empty"):
+        problems.append(f"{where}.all_down: {all_down!r} (allowed: open, empty)")
     return Pool(
         name,
         members,
@@ -640,6 +645,7 @@ def _parse_pool(name: str, table: Any, where: str, sites: set[str], problems: li
         order,
         window_s,
         ttl_change,
+        all_down,
     )
 
 

@@ -85,7 +85,7 @@ def explain(
     *,
     is_special: Callable[[IPAddress], bool] | None = None,
     special_block: Callable[[IPAddress], IPNetwork | None] | None = None,
-    all_down: str = "open",
+    all_down: str | None = None,  # default: the pool's own all_down
     max_chain: int = 8,
 ) -> dict[str, Any]:
     """The decision the server makes for `name`/`qtype` asked by `client_ip` (+ ECS).
@@ -190,7 +190,7 @@ def explain(
         location,
         family,
         geo_name.count,
-        all_down,
+        pool.all_down if all_down is None else all_down,
         balance=state.balance.get(geo_name.pool),
     )
     out["trace"] = list(decision.trace)

@@ -127,7 +127,6 @@ class Settings:
     max_cname_chain: int = 8
     max_additional_rrsets: int = 32
     cookies_require: bool = False
-    all_down: str = "open"
 
 
 class Handler:
@@ -516,7 +515,7 @@ class _Steer:
             client_key,
             family,
             count,
-            h.settings.all_down,
+            pool.all_down,
             h.decide,
         )
         decision = _DECISIONS.get(key)
@@ -530,7 +529,7 @@ class _Steer:
                 self.location,
                 family,
                 count,
-                h.settings.all_down,
+                pool.all_down,
                 balance=balance,
             )
             if len(_DECISIONS) >= _MEMO_MAX:
@@ -556,7 +555,7 @@ class _Steer:
                         self.location,
                         family,
                         count,
-                        h.settings.all_down,
+                        pool.all_down,
                         balance=balance,
                         rotation=rotation,
                     )

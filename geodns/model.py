@@ -116,6 +116,9 @@ class Pool:
     answer_order: str = "sticky"  # sticky | shuffle
     window_s: float = 60.0  # capacity shares are measured over this window
     ttl_under_change_s: int = 0  # 0: answers keep the name's TTL while sites change
+    # every member observed DOWN: "open" answers the nearest anyway (never a drained
+    # site); "empty" answers NODATA (an explicit opt-in)
+    all_down: str = "open"
 
     def default_ranks(self) -> tuple[tuple[str, ...], ...]:
         """The default list as groups of equally good sites, best first."""

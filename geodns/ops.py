@@ -889,7 +889,6 @@ class Api:
                 params["name"],
                 params.get("type", "A"),
                 params.get("ecs") or None,
-                all_down=app.handler.settings.all_down,
                 max_chain=app.config.server.max_cname_chain,
             )
         except ExplainError as exc:

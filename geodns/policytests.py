@@ -164,7 +164,7 @@ def run_cases(
     decide: Decide,
     locate: Callable[[IPAddress], Location] | None,
     country_point: CountryPoint,
-    all_down: str = "open",
+    all_down: str | None = None,  # default: the pool's own all_down
 ) -> list[CaseResult]:
     """Run every case with the production decision function."""
     results: list[CaseResult] = []
@@ -201,7 +201,8 @@ def run_cases(
                 continue
             client = ipaddress.IPv4Address(0)
         family = 4 if case.qtype == A else 6
-        d = decide(pool, geo.sites, states, client, location, family, g.count, all_down)
+        mode = pool.all_down if all_down is None else all_down
+        d = decide(pool, geo.sites, states, client, location, family, g.count, mode)
         if case.expect_zone_record:
             ok = d.use_zone_record
             got = "the zone record" if ok else (", ".join(d.sites) or "NODATA")

@@ -433,3 +433,30 @@ def test_shipped_database_steers_the_example_zone(
         _, prefix_len = reader.get_with_prefix_len(subnet.split("/")[0])
     assert 0 < prefix_len <= 24
     assert_echo(subnet, option, prefix_len)
+
+
+def test_pool_all_down_empty_answers_nodata(tmp_path: Path) -> None:
+    """`[pools.X] all_down = "empty"`: every member observed DOWN -> NODATA (opt-in)."""
+    (tmp_path / "zones").mkdir()
+    for name in ("example.com.zone", "example.com.geo.toml"):
+        (tmp_path / "zones" / name).write_text((REPO / "zones" / name).read_text())
+    body = (
+        '[sites.uk]\nipv4 = ["198.51.100.10"]\ncity = "London"\ncountry = "GB"\n'
+        '[sites.fra]\nipv4 = ["198.51.100.20"]\ncity = "Frankfurt am Main"\ncountry = "DE"\n'
+        '[pools.web]\nmembers = ["uk", "fra"]\nall_down = "empty"\n'
+    )
+    with run_server(load_config(write_config(tmp_path, body))) as s:
+        g = s.app.holder.view.geo
+        v = next_version()
+        down = {n: SiteState(observed=Health.DOWN) for n in ("uk", "fra")}
+
+        async def publish() -> None:
+            s.app.holder.publish_geo(replace(g, states=down, version=v, pool_versions={"web": v}))
+
+        s.call(publish())
+        q = dns.message.make_query(
+            "www.example.com", "A", use_edns=0, options=[dns.edns.ECSOption("212.58.224.0", 24)]
+        )
+        r = dns.query.udp(q, s.host, port=s.port, timeout=3)
+        assert r.rcode() == dns.rcode.NOERROR and not r.answer
+        assert [rr.rdtype for rr in r.authority] == [dns.rdatatype.SOA]
