@@ -16,7 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cookies import CookieJar
-from .model import CNAME_FAMILY, Decision, IPAddress, IPNetwork, Location, SiteState, Transport
+from .model import (
+    CNAME_FAMILY,
+    Decision,
+    IPAddress,
+    IPNetwork,
+    Location,
+    Pool,
+    SiteState,
+    Transport,
+)
 from .resolver import Answer, resolve
 from .rrl import Action, RateLimiter, response_kind
 from .view import ViewHolder
@@ -486,6 +495,38 @@ class _Steer:
         self.used = False
         self.pools_used: dict[str, int] = {}
 
+    def _decide(
+        self,
+        key: tuple[object, ...],
+        pool: Pool,
+        pool_name: str,
+        family: int,
+        count: int,
+        rotation: int,
+    ) -> Decision:
+        """pick.decide, memoized under `key` (+ the rotation of a shuffled pool)."""
+        memo_key = (*key, rotation) if rotation else key
+        decision = _DECISIONS.get(memo_key)
+        if decision is None:
+            view = self.handler.holder.view.geo
+            assert self.handler.decide is not None
+            decision = self.handler.decide(
+                pool,
+                view.sites,
+                view.states,
+                self.client,
+                self.location,
+                family,
+                count,
+                pool.all_down,
+                balance=view.balance.get(pool_name),
+                rotation=rotation,
+            )
+            if len(_DECISIONS) >= _MEMO_MAX:
+                _DECISIONS.clear()
+            _DECISIONS[memo_key] = decision
+        return decision
+
     def __call__(self, geo: GeoName, qtype: int) -> tuple[Decision, RRset | None] | None:
         h = self.handler
         view = h.holder.view.geo
@@ -518,23 +559,7 @@ class _Steer:
             pool.all_down,
             h.decide,
         )
-        decision = _DECISIONS.get(key)
-        if decision is None:
-            balance = view.balance.get(geo.pool)
-            decision = h.decide(
-                pool,
-                view.sites,
-                view.states,
-                client,
-                self.location,
-                family,
-                count,
-                pool.all_down,
-                balance=balance,
-            )
-            if len(_DECISIONS) >= _MEMO_MAX:
-                _DECISIONS.clear()
-            _DECISIONS[key] = decision
+        decision = self._decide(key, pool, geo.pool, family, count, 0)
         if decision.rotations > 1:
             # answer_order "shuffle": one of a few orderings, in turn (memoized each)
             if self.turn is None:
@@ -543,24 +568,7 @@ class _Steer:
             self.rotations = math.lcm(self.rotations, decision.rotations)
             rotation = self.turn % decision.rotations
             if rotation:
-                rkey = (*key, rotation)
-                turned = _DECISIONS.get(rkey)
-                if turned is None:
-                    balance = view.balance.get(geo.pool)
-                    turned = h.decide(
-                        pool,
-                        view.sites,
-                        view.states,
-                        client,
-                        self.location,
-                        family,
-                        count,
-                        pool.all_down,
-                        balance=balance,
-                        rotation=rotation,
-                    )
-                    _DECISIONS[rkey] = turned
-                decision = turned
+                decision = self._decide(key, pool, geo.pool, family, count, rotation)
         self.last = (geo.pool, decision)
         if not decision.sites:
             if self.scope_override is not None and not any(
