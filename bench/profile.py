@@ -226,6 +226,22 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
         for _ in range(calls):
             ipaddress.ip_address("127.0.0.1")
 
+    proto = None
+    with contextlib.suppress(Exception):  # the transport layer as it is today
+        from types import SimpleNamespace
+
+        from geodns.server import UdpProtocol
+
+        proto = UdpProtocol(cache.handle)
+        proto.transport = SimpleNamespace(sendto={}.setdefault)  # type: ignore[assignment]
+
+    def datagrams() -> None:
+        assert proto is not None
+        received = proto.datagram_received
+        for _ in range(reps):
+            for q in queries:
+                received(q, addr)
+
     timings = {
         "hit": per_call_ns(hits, calls),
         "full": per_call_ns(full, calls),
@@ -261,6 +277,12 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
         f"| `wire.decode_query` (alone) | {timings['decode'] / 1000:.2f} |",
         f"| `ipaddress.ip_address(str)` (alone) | {timings['ip_address'] / 1000:.2f} |",
     ]
+    if proto is not None:
+        timings["datagram"] = per_call_ns(datagrams, calls)
+        lines.append(
+            "| `UdpProtocol.datagram_received` → hit path → `sendto` (a C stub) | "
+            f"{timings['datagram'] / 1000:.2f} |"
+        )
     if "locate" in timings:
         lines.append(
             f"| `Locator.locate` (alone, cached network) | {timings['locate'] / 1000:.2f} |"
@@ -400,6 +422,7 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
         clients=8,
         outstanding=100,
         threads=1,
+        wait_idle=args.wait_idle,
         server_cpu=args.cpu,
         client_cpu=args.client_cpu,
     )
@@ -426,12 +449,15 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
             args.full_rate,
         ),
     ]
+    if "rrl" in cfgs:
+        rrl = [py, "-m", "geodns", "--config", str(cfgs["rrl"]), "serve"]
+        servers.insert(2, ("geodns hit path, [rrl] at its defaults", rrl, 0))
     if gdnsd is not None:
         servers.append(("gdnsd 3.8.1", [gdnsd, "-c", "GDNSD_DIR", "start"], 0))
     mmdb = root / "bench.mmdb"
     rows = [
         f"Live, server on CPU {args.cpu}, dnsperf on CPU {args.client_cpu}, ECS on, the mix, "
-        f"{args.duration:g} s per server"
+        f"{args.duration:g} s per server, CPU split from a run without perf"
         + (
             ", `perf record -F 2999` of the server (perf on the dnsperf CPU):" if have_perf else ":"
         ),
@@ -460,10 +486,19 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
             continue
         try:
             run.dnsperf(server, queries, run.DEFAULT_ECS, 1.0, run.CLOSED, ns)  # warm-up
+            # first a clean run (no perf attached: tracing inflates kernel time) ...
+            if args.wait_idle:
+                run.wait_idle(ns)
+            u0, s0 = _stat_split(server.pid)
+            res = run.dnsperf(server, queries, run.DEFAULT_ECS, args.duration, rate, ns)
+            u1, s1 = _stat_split(server.pid)
+            # ... then one under perf record + perf stat for the shares and syscalls
             perf = counter = None
             sys_counts: dict[str, int] = {}
             data = root / f"perf-{port}.data"
             if have_perf:
+                if args.wait_idle:
+                    run.wait_idle(ns)
                 record = ["perf", "record", "-q", "-F", "2999", "-g", "-o", str(data)]
                 perf = subprocess.Popen(
                     [*run.pin(args.client_cpu), *record, "-p", str(server.pid)],
@@ -482,18 +517,18 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
                     )
                     run.STARTED.clients.append(counter)
                 time.sleep(0.3)
-            u0, s0 = _stat_split(server.pid)
-            res = run.dnsperf(server, queries, run.DEFAULT_ECS, args.duration, rate, ns)
-            u1, s1 = _stat_split(server.pid)
-            if perf is not None:
+                traced = run.dnsperf(server, queries, run.DEFAULT_ECS, args.duration, rate, ns)
                 perf.send_signal(2)
                 perf.wait(30)
                 run.STARTED.clients.remove(perf)
-            if counter is not None:
-                counter.send_signal(2)
-                _, err = counter.communicate(timeout=30)
-                run.STARTED.clients.remove(counter)
-                sys_counts = parse_perf_stat(err)
+                if counter is not None:
+                    counter.send_signal(2)
+                    _, err = counter.communicate(timeout=30)
+                    run.STARTED.clients.remove(counter)
+                    sys_counts = {
+                        n: c * res.completed // max(1, traced.completed)
+                        for n, c in parse_perf_stat(err).items()
+                    }
         finally:
             server.stop()
             run.STARTED.servers.remove(server)
@@ -531,9 +566,10 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=2500, help="passes over the 20-query mix")
     p.add_argument("--rate", type=int, default=40000, help="dnsperf -Q for the live part")
     p.add_argument("--full-rate", type=int, default=10000, help="-Q for the full path")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per live run")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per live run")
     p.add_argument("--cpu", default="0", help="server CPU list (default 0)")
     p.add_argument("--client-cpu", default="1", help="dnsperf CPU list (default 1)")
+    p.add_argument("--wait-idle", type=float, default=0, help="as in run.py (seconds)")
     p.add_argument("--pstats", action="store_true", help="also print cProfile's top functions")
     args = p.parse_args()
     try:
@@ -553,6 +589,8 @@ def main() -> int:
         run.write_mmdb(mmdb)
         feat = run.detect_features(root, mmdb)
         cfgs = {"base": run.write_geodns(root, "geodns", mmdb, feat.rrl_config("off"))}
+        if feat.rrl is not None:
+            cfgs["rrl"] = run.write_geodns(root, "geodns-rrl", mmdb, feat.rrl_config("default"))
         if feat.rrl_counted:
             cfgs["rrl-counted"] = run.write_geodns(
                 root, "geodns-rrl-counted", mmdb, feat.rrl_config("counted")

@@ -160,6 +160,19 @@ def cpu_busy(cpus: list[int]) -> float:
     return busy / CLK_TCK
 
 
+def wait_idle(args: argparse.Namespace) -> None:
+    """Up to --wait-idle seconds for the benchmark's CPUs to be >= 85 % idle for 1 s."""
+    cpus = sorted(cpu_list(args.server_cpu) | cpu_list(args.client_cpu))
+    deadline = time.monotonic() + args.wait_idle
+    while True:
+        b0, t0 = cpu_busy(cpus), time.monotonic()
+        time.sleep(1.0)
+        busy = (cpu_busy(cpus) - b0) / (time.monotonic() - t0) / len(cpus)
+        if busy <= 0.15 or time.monotonic() >= deadline:
+            return
+        log(f"waiting for idle CPUs ({busy:.0%} busy)")
+
+
 def _children_cpu() -> float:
     """CPU seconds of our waited-for children (dnsperf runs)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -691,6 +704,8 @@ def run_plan(
         log(f"{plan.row}: answers {'DIFFER: ' + '; '.join(problems) if problems else 'ok'}")
         dnsperf(server, queries, args.ecs, args.warmup, CLOSED, args)  # warm-up, not counted
         for rate in plan.rates:
+            if args.wait_idle:
+                wait_idle(args)
             run = dnsperf(server, queries, args.ecs, args.duration, rate, args)
             log(
                 f"{plan.row} {'closed' if not rate else f'-Q {rate}'}: {run.qps:,.0f} QPS, "
@@ -811,6 +826,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run every row N times, interleaved, and report the least disturbed run\n"
         "(for a shared machine; e.g. --repeat 3 --duration 5)",
     )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each run wait up to S seconds for the two CPUs to be >= 85 %% idle",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -829,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (mine | theirs) <= cpus or mine & theirs:
         log(f"warning: CPUs {sorted(cpus)} available; not pinning (server and dnsperf share)")
         args.server_cpu = args.client_cpu = None
+        args.wait_idle = 0
     load1 = os.getloadavg()[0]
     if load1 > 0.5:
         log(f"warning: load average {load1:.2f}: other work on these CPUs skews the numbers")
@@ -883,8 +906,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         STARTED.stop_all()
 
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     print(
-        f"geodns vs gdnsd, {started:%Y-%m-%d %H:%M %Z}: {os.cpu_count()} vCPU {_cpu_model()}, "
+        f"geodns {head or '?'} vs gdnsd, {started:%Y-%m-%d %H:%M %Z}: "
+        f"{os.cpu_count()} vCPU {_cpu_model()}, "
         f"Python {platform.python_version()}, gdnsd "
         f"{_version([args.gdnsd, '-c', '/nonexistent', 'x']) if args.gdnsd else '-'}, "
         f"dnsperf {_version([args.dnsperf, '-h'])}; server on CPU {args.server_cpu}, dnsperf "
