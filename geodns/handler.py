@@ -445,6 +445,14 @@ def client_address(
     The ECS address when the query carries a usable one (SOURCE > 0), else the packet
     `source` (IPv4-mapped IPv6 taken as IPv4). Shared by the query path and `explain`.
     """
+    usable = ecs is not None and ecs.ip is not None and ecs.source != 0
+    if (
+        usable
+        and ecs is not None
+        and ecs.ip is not None
+        and not (is_special is not None and is_special(ecs.ip))
+    ):
+        return ecs.ip, None  # the usual case: the source address is not even parsed
     addr = ipaddress.ip_address(source.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
@@ -463,8 +471,10 @@ class _Steer:
     """Per-query geo steering: locates the client once, then asks pick.decide."""
 
     __slots__ = (
+        "addr",
         "by_source",
         "client",
+        "ecs",
         "handler",
         "last",
         "located",
@@ -486,12 +496,12 @@ class _Steer:
         self.last: tuple[str, Decision] | None = None  # (pool, decision) of the last call
         self.location: Location | None = None
         self.located = False
-        ecs = q.edns.ecs if q.edns is not None else None
-        self.client, self.scope_override = client_address(
-            addr[0], ecs, handler.is_special, handler.special_block
-        )
-        # located by the packet source (no usable ECS): the reply depends on the source
-        self.by_source = self.client is not ecs_ip(ecs) or self.scope_override is not None
+        # which address locates the client is worked out on the first geo name only:
+        # most queries never reach one, and parsing addresses is not free
+        self.addr = addr
+        self.ecs = q.edns.ecs if q.edns is not None else None
+        self.scope_override: int | None = None
+        self.by_source = False
         self.used = False
         self.pools_used: dict[str, int] = {}
 
@@ -537,6 +547,11 @@ class _Steer:
         self.pools_used[geo.pool] = view.pool_versions.get(geo.pool, 0)
         if not self.located:
             self.located = True
+            self.client, self.scope_override = client_address(
+                self.addr[0], self.ecs, h.is_special, h.special_block
+            )
+            # located by the packet source (no usable ECS): the reply depends on it
+            self.by_source = self.client is not ecs_ip(self.ecs) or self.scope_override is not None
             self.location = h.locate(self.client) if h.locate is not None else None
         family = 4 if qtype == A else 6 if qtype == AAAA else CNAME_FAMILY
         count = 1 if family == CNAME_FAMILY else geo.count  # a CNAME RRset has one record
