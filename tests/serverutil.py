@@ -30,6 +30,26 @@ from geodns.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The sites and pool of the shipped geodns.toml (uk and fra with IPv6, iad IPv4 only).
+EXAMPLE_SITES = """
+[sites.uk]
+ipv4 = ["198.51.100.10", "198.51.100.11"]
+ipv6 = ["2001:db8:10::10"]
+city = "London"
+country = "GB"
+[sites.fra]
+ipv4 = ["198.51.100.20"]
+ipv6 = ["2001:db8:20::20"]
+city = "Frankfurt am Main"
+country = "DE"
+[sites.iad]
+ipv4 = ["198.51.100.30"]
+lat = 39.04
+lon = -77.49
+[pools.web]
+members = ["uk", "fra", "iad"]
+"""
+
 
 def write_config(directory: Path, body: str = "", zones: str = "zones") -> Path:
     """Write a geodns.toml into `directory`; `body` is extra TOML (sites, pools, ...)."""

@@ -18,26 +18,9 @@ from geodns.explain import ExplainError, explain, format_explain, parse_ecs, par
 from geodns.model import Health, Override, SiteState
 from geodns.reload import ZoneReloader
 from geodns.view import Catalog, GeoState, View, next_version
-from tests.serverutil import REPO, write_config
+from tests.serverutil import EXAMPLE_SITES, REPO, write_config
 
-SITES = """
-[sites.uk]
-ipv4 = ["198.51.100.10", "198.51.100.11"]
-ipv6 = ["2001:db8:10::10"]
-city = "London"
-country = "GB"
-[sites.fra]
-ipv4 = ["198.51.100.20"]
-ipv6 = ["2001:db8:20::20"]
-city = "Frankfurt am Main"
-country = "DE"
-[sites.iad]
-ipv4 = ["198.51.100.30"]
-lat = 39.04
-lon = -77.49
-[pools.web]
-members = ["uk", "fra", "iad"]
-"""
+SITES = EXAMPLE_SITES
 
 
 def example_dir(tmp: Path, extra: str = "") -> Path:

@@ -31,27 +31,10 @@ from geodns import cli, ops
 from geodns.app import App
 from geodns.config import load_config
 from geodns.errors import ConfigError
-from tests.serverutil import REPO, Running, run_server, write_config
+from tests.serverutil import EXAMPLE_SITES, REPO, Running, run_server, write_config
 
 TOKEN = "ops-secret-0123456789abcdef"
-SITES = """
-[sites.uk]
-ipv4 = ["198.51.100.10", "198.51.100.11"]
-ipv6 = ["2001:db8:10::10"]
-city = "London"
-country = "GB"
-[sites.fra]
-ipv4 = ["198.51.100.20"]
-ipv6 = ["2001:db8:20::20"]
-city = "Frankfurt am Main"
-country = "DE"
-[sites.iad]
-ipv4 = ["198.51.100.30"]
-lat = 39.04
-lon = -77.49
-[pools.web]
-members = ["uk", "fra", "iad"]
-"""
+SITES = EXAMPLE_SITES
 UK = {"198.51.100.10", "198.51.100.11"}
 FRA = {"198.51.100.20"}
 GB_ECS = "212.58.224.0/24"
