@@ -35,6 +35,7 @@ from .balance import MAX_ROTATIONS
 from .handler import CacheInfo, Handler
 from .model import Transport
 
+_UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
 SOURCE_PREFIX_V4 = 24
 SOURCE_PREFIX_V6 = 56
 
@@ -91,7 +92,7 @@ class PacketCache:
 
     def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
         """Answer from the cache when the entry is still valid, else through the handler."""
-        cache = self.udp if transport is Transport.UDP else self.tcp
+        cache = self.udp if transport is _UDP else self.tcp
         key = data[2:]
         entry = cache.get(key)
         changes = self.catalog.changes

@@ -217,6 +217,19 @@ def _prefix(bits: int, width: int) -> tuple[int, int | None]:
     return whole, ((0xFF << (8 - rest)) & 0xFF) if rest else None
 
 
+_MEMO_MAX = 65536
+
+
+def _packed(src: str) -> bytes:
+    """'192.0.2.1' / 'fe80::1%eth0' -> packed; IPv4-mapped IPv6 -> the IPv4 address."""
+    if ":" not in src:
+        return inet_pton(AF_INET, src)
+    packed = inet_pton(AF_INET6, src.partition("%")[0])
+    if packed[:12] == _V4_MAPPED:
+        packed = packed[12:]  # IPv4-mapped: the client's network is the IPv4 one
+    return packed
+
+
 class RateLimiter:
     """`check()` says PASS, DROP or SLIP for one UDP response; see the module docstring."""
 
@@ -256,6 +269,7 @@ class RateLimiter:
         self.counts = [0, 0, 0, 0]  # by Action, then EXEMPT (see COUNT_NAMES)
         self.collisions = 0  # passed uncounted: both slots of the pair were limiting
         self._log = _LogLimit()
+        self._memo: dict[str, bytes] = {}  # source string -> network key (b"": exempt)
 
     # -- the hot path -----------------------------------------------------------------
     def check(self, src: bytes | str, kind: bytes, now: float) -> Action:
@@ -264,30 +278,20 @@ class RateLimiter:
         `src` is the packet's source address, packed (4 or 16 octets) or as asyncio
         gives it ('192.0.2.1', 'fe80::1%eth0'); `now` is time.monotonic() or a test's.
         """
-        if not isinstance(src, str):
-            packed = src
-        elif ":" not in src:
-            packed = inet_pton(AF_INET, src)
+        if isinstance(src, str):
+            # the source string as the transport gives it -> its network key, memoized
+            # (bounded; a spoofed flood only empties the memo now and then)
+            key = self._memo.get(src)
+            if key is None:
+                key = self._network_key(_packed(src))
+                if len(self._memo) >= _MEMO_MAX:
+                    self._memo.clear()
+                self._memo[src] = key
         else:
-            packed = inet_pton(AF_INET6, src.partition("%")[0])
-            if packed[:12] == _V4_MAPPED:
-                packed = packed[12:]  # IPv4-mapped: the client's network is the IPv4 one
-        src = packed
-        if len(src) == 4:
-            # a 256-entry table of first octets keeps the exempt test off most queries
-            if self._exempt4_first[src[0]] and self._exempt(src, self._exempt4):
-                self.counts[EXEMPT] += 1
-                return PASS
-            whole, partial = self._v4
-            key = b"\x04" + src[:whole]
-        else:
-            if self._exempt6_first[src[0]] and self._exempt(src, self._exempt6):
-                self.counts[EXEMPT] += 1
-                return PASS
-            whole, partial = self._v6
-            key = b"\x06" + src[:whole]
-        if partial is not None:
-            key += bytes((src[whole] & partial,))
+            key = self._network_key(src)
+        if not key:
+            self.counts[EXEMPT] += 1
+            return PASS
         h = siphash(self._key, key + kind)
         # tag 0 marks an empty slot; a key whose tag is 0 "finds" an empty slot, whose
         # tat of 0 is a full bucket: exactly what a new bucket is
@@ -334,6 +338,23 @@ class RateLimiter:
             return SLIP
         self.counts[DROP] += 1
         return DROP
+
+    def _network_key(self, src: bytes) -> bytes:
+        """The bucket key's network part for a packed source; b"" when it is exempt."""
+        if len(src) == 4:
+            # a 256-entry table of first octets keeps the exempt test off most queries
+            if self._exempt4_first[src[0]] and self._exempt(src, self._exempt4):
+                return b""
+            whole, partial = self._v4
+            key = b"\x04" + src[:whole]
+        else:
+            if self._exempt6_first[src[0]] and self._exempt(src, self._exempt6):
+                return b""
+            whole, partial = self._v6
+            key = b"\x06" + src[:whole]
+        if partial is not None:
+            key += bytes((src[whole] & partial,))
+        return key
 
     @staticmethod
     def _exempt(src: bytes, networks: tuple[tuple[int, int], ...]) -> bool:
