@@ -19,7 +19,6 @@ update makes them fail, the server reports it loudly instead of blocking (see
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import dns.name
 from .errors import ZoneError
 from .model import Decision, Health, IPAddress, Location, Override, SiteState
 from .view import GeoState
-from .zones import AAAA, A, Zone
+from .zones import AAAA, A, Zone, read_toml
 
 TESTS_SUFFIX = ".tests.toml"
 _KEYS = {
@@ -75,13 +74,7 @@ def tests_path_for(zone_path: Path) -> Path:
 
 def load_cases(path: Path, origin: str) -> list[PolicyCase]:
     """Parse a tests file; raise ZoneError listing every problem."""
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise ZoneError(str(path), [f"{path}: {exc}"]) from None
-    except OSError as exc:
-        raise ZoneError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+    raw = read_toml(path)
     problems: list[str] = []
     for key in raw:
         if key != "case":

@@ -688,8 +688,8 @@ def _check_geo(
 _GEO_KEYS = {"pool", "types", "ttl_s", "count"}
 
 
-def parse_geo(path: Path, origin: str, pools: Mapping[str, Pool]) -> dict[bytes, GeoName]:
-    """Read zones/<origin>.geo.toml: `[names."www"] pool = "web"` tables."""
+def read_toml(path: Path) -> dict[str, Any]:
+    """A zone's TOML companion file (geo overlay, policy tests); ZoneError if unreadable."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -697,6 +697,12 @@ def parse_geo(path: Path, origin: str, pools: Mapping[str, Pool]) -> dict[bytes,
         raise ZoneError(str(path), [f"{path}: {exc}"]) from None
     except OSError as exc:
         raise ZoneError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+    return raw
+
+
+def parse_geo(path: Path, origin: str, pools: Mapping[str, Pool]) -> dict[bytes, GeoName]:
+    """Read zones/<origin>.geo.toml: `[names."www"] pool = "web"` tables."""
+    raw = read_toml(path)
     problems: list[str] = []
     out: dict[bytes, GeoName] = {}
     for key in raw:
