@@ -325,6 +325,9 @@
       const observed = [h("span", { class: `observed obs-${site.observed}` }, site.observed.toUpperCase())];
       if (site.stale) observed.push(h("span", { class: "muted" }, " (stale)"));
       if (site.addresses_down && site.addresses_down.length) observed.push(h("div", { class: "muted" }, "down: " + site.addresses_down.join(", ")));
+      // load balancing: flap damping holds the site DOWN; a ramp moves clients gradually
+      if (site.damping && site.damping.damped) observed.push(h("div", { class: "fail" }, "held DOWN (flapping) until ", when(site.damping.until)));
+      if (site.ramp) observed.push(h("div", { class: "muted" }, `${site.ramp.kind === "up" ? "slow start" : "ramped drain"}: ${Math.round(site.ramp.share * 100)}% of its clients`));
       const names = site.names || [];
       const content = [
         [site.name],
