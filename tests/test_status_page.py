@@ -427,6 +427,35 @@ def test_every_state_has_its_own_text_colour_and_shape(browser: Browser, srv: Fl
 
 
 @needs_chromium
+def test_damping_and_ramps_are_shown(browser: Browser, srv: Fleet) -> None:
+    """Load balancing states from /v1/sites (edited in flight) appear in the table."""
+    with open_page(browser, srv.base) as (page, _):
+        expect(effective(page, "uk")).to_have_text("UP")
+
+        def edit(route: Any) -> None:
+            resp = route.fetch()
+            doc = resp.json()
+            for item in doc.get("items", [doc]):
+                if item["name"] == "uk":
+                    item["damping"] = {
+                        "damped": True,
+                        "until": "2099-01-01T00:00:00Z",
+                        "addresses": [],
+                        "level": 2,
+                        "recent_changes": 5,
+                    }
+                if item["name"] == "fra":
+                    item["ramp"] = {"kind": "up", "share": 0.55, "until": "2099-01-01T00:00:00Z"}
+            route.fulfill(response=resp, body=json.dumps(doc))
+
+        page.route(SITES_URL, edit)
+        observed = 'td[data-label="Observed"]'
+        expect(row(page, "uk").locator(observed)).to_contain_text("held DOWN (flapping)")
+        expect(row(page, "fra").locator(observed)).to_contain_text("slow start: 55% of its clients")
+        page.unroute(SITES_URL)
+
+
+@needs_chromium
 def test_narrow_window_reflows_without_sideways_scrolling(browser: Browser, srv: Fleet) -> None:
     with open_page(browser, srv.base, width=380, height=800) as (page, _):
         expect(effective(page, "uk")).to_have_text("UP")
