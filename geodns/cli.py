@@ -474,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download (default: DB-IP City Lite of this month), verify and "
         "atomically install state_dir/current.mmdb, which takes precedence over "
         "[geoip] database. The tracked data/ file is never written.",
+        parents=[common],
     )
     geoip_update.add_argument(
         "--url", help="http(s):// or file:// URL or a local path; .mmdb, .mmdb.gz or .tar.gz"
