@@ -250,6 +250,14 @@ class TcpTarget:
             s.close()
 
 
+def tcp_check(site: str, target: TcpTarget, settings: str = "") -> str:
+    """A [sites.NAME.check] table that probes a loopback TcpTarget (+ extra settings)."""
+    return (
+        f'[sites.{site}.check]\nkind = "tcp"\ntarget = "127.0.0.1"\n'
+        f"port = {target.port}\n{settings}"
+    )
+
+
 def wait_for(pred: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> float:
     """Poll until pred() holds (bounded; never a fixed sleep); returns when it first held."""
     deadline = time.monotonic() + timeout_s

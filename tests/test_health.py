@@ -21,7 +21,7 @@ from geodns.health import HealthManager, HealthPolicy
 from geodns.model import CheckSpec, Health, Override, Site
 from geodns.store import Store
 from geodns.view import Catalog, GeoState, View, ViewHolder
-from tests.serverutil import TcpTarget, make_zone_dir, run_server, wait_for, write_config
+from tests.serverutil import TcpTarget, make_zone_dir, run_server, tcp_check, wait_for, write_config
 
 SITES = {
     n: Site(n, (f"192.0.2.{i}",), (), 50.0 + i, float(i))
@@ -168,20 +168,12 @@ listen = ""
 ipv4 = ["198.51.100.10"]
 city = "London"
 country = "GB"
-[sites.uk.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {uk.port}
-{check}
+{tcp_check("uk", uk, check)}
 [sites.fra]
 ipv4 = ["198.51.100.20"]
 city = "Frankfurt am Main"
 country = "DE"
-[sites.fra.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {fra.port}
-{check}
+{tcp_check("fra", fra, check)}
 [pools.web]
 members = ["uk", "fra"]
 """

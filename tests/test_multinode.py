@@ -35,7 +35,7 @@ from geodns import ops
 from geodns.config import load_config
 from geodns.model import Health
 from tests.pgutil import PgServer, find_bin_dir
-from tests.serverutil import Running, TcpTarget, make_zone_dir, run_server, wait_for
+from tests.serverutil import Running, TcpTarget, make_zone_dir, run_server, tcp_check, wait_for
 from tests.test_ops import validate
 
 ZONE = """\
@@ -139,20 +139,12 @@ quorum_min_votes = {min_votes}
 ipv4 = ["{UK}"]
 city = "London"
 country = "GB"
-[sites.uk.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {uk.port}
-{check}
+{tcp_check("uk", uk, check)}
 [sites.fra]
 ipv4 = ["{FRA}"]
 city = "Frankfurt am Main"
 country = "DE"
-[sites.fra.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {fra.port}
-{check}
+{tcp_check("fra", fra, check)}
 [pools.web]
 members = ["uk", "fra"]
 """

@@ -38,7 +38,7 @@ from geodns.answershare import AnswerWindow
 from geodns.app import App
 from geodns.config import load_config
 from geodns.model import Health
-from tests.serverutil import REPO, Running, TcpTarget, run_server, wait_for, write_config
+from tests.serverutil import REPO, Running, TcpTarget, run_server, tcp_check, wait_for, write_config
 from tests.test_ops import validate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -78,21 +78,13 @@ ipv4 = ["198.51.100.10", "198.51.100.11"]
 ipv6 = ["2001:db8:10::10"]
 city = "London"
 country = "GB"
-[sites.uk.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {uk.port}
-{CHECK}
+{tcp_check("uk", uk, CHECK)}
 [sites.fra]
 ipv4 = ["198.51.100.20"]
 ipv6 = ["2001:db8:20::20"]
 city = "Frankfurt am Main"
 country = "DE"
-[sites.fra.check]
-kind = "tcp"
-target = "127.0.0.1"
-port = {fra.port}
-{CHECK}
+{tcp_check("fra", fra, CHECK)}
 [sites.iad]
 ipv4 = ["198.51.100.30"]
 lat = 39.04
