@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cookies import CookieJar
+from .fastpath import MISS, FastPath, Located
 from .model import (
     CNAME_FAMILY,
     Decision,
@@ -28,7 +29,7 @@ from .model import (
 )
 from .resolver import Answer, resolve
 from .rrl import Action, RateLimiter, response_kind
-from .view import ViewHolder
+from .view import GeoState, ViewHolder
 from .wire import (
     AA,
     BADCOOKIE,
@@ -121,6 +122,10 @@ class CacheInfo:
     turn: int = 0
 
 
+_UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
+# Stats.pool_offered keys one answer bumps
+Offered = tuple[tuple[str, str], ...]
+
 # Locate the client: (address, family width) -> Location (geo.Locator.locate)
 Locate = Callable[[IPAddress], Location]
 # The geo decision function (pick.decide)
@@ -136,6 +141,9 @@ class Settings:
     max_cname_chain: int = 8
     max_additional_rrsets: int = 32
     cookies_require: bool = False
+    # answer common queries from pre-rendered bytes (fastpath.py); False: always the
+    # full path (the differential tests compare the two)
+    fast_path: bool = True
 
 
 class Handler:
@@ -170,6 +178,7 @@ class Handler:
         self.clock = clock  # RRL's clock; tests inject one
         if rrl is not None:
             self.stats.rrl = rrl.counts
+        self.fast = FastPath(self) if self.settings.fast_path else None
 
     @property
     def locate(self) -> Locate | None:
@@ -185,6 +194,11 @@ class Handler:
     # -- the entry point -------------------------------------------------------------
     def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
         """Answer one DNS message, or None to stay silent (unparseable, or a response)."""
+        fast = self.fast
+        if fast is not None:
+            done = fast.answer(data, addr, transport is _UDP, False)
+            if done is not MISS:
+                return done[0]
         try:
             q = decode_query(data)
         except BadQuery as bad:
@@ -206,6 +220,11 @@ class Handler:
 
         `turn`: which rotation shuffled answers take (the cache's own counter); None:
         the next of the handler's per-pool counter."""
+        fast = self.fast
+        if fast is not None:
+            done = fast.answer(data, addr, transport is _UDP, True)
+            if done is not MISS:
+                return done
         try:
             q = decode_query(data)
         except BadQuery:
@@ -282,7 +301,7 @@ class Handler:
                 act = self.rrl.check(addr[0], rrl_kind, self.clock())
                 if act:
                     return (self._slip(q, options) if act is Action.SLIP else None), None
-        offered: tuple[tuple[str, str], ...] = ()
+        offered: Offered = ()
         decision = ans.decision
         if decision is not None:
             by_site = self.stats.answers_by_site
@@ -305,6 +324,8 @@ class Handler:
             options.append((OPT_ECS, encode_ecs(edns.ecs, scope)))
         reply = self._encode(q, ans, edns, options, limit)
         self.stats.count(q.qtype, ans.rcode, transport)
+        if self.fast is not None:
+            self._learn(q, ans, steer, offered)
         if edns is not None and edns.cookie is not None:
             return reply, None  # a server cookie is per client and per time: not reusable
         info = CacheInfo(
@@ -324,6 +345,24 @@ class Handler:
             turn=(steer.turn or 0) if steer is not None else 0,
         )
         return reply, info
+
+    def _learn(self, q: Query, ans: Answer, steer: _Steer | None, offered: Offered) -> None:
+        """Hand the answer just made to the fast path, to replay for the same question."""
+        assert self.fast is not None
+        calls = steer.calls if steer is not None else 0
+        located = None
+        if (
+            steer is not None
+            and calls == 1
+            and steer.located
+            and steer.scope_override is None
+            and steer.geo is not None
+            and steer.state is not None
+        ):
+            located = Located(
+                steer.geo, steer.state, steer.client, steer.location, steer.generation, offered
+            )
+        self.fast.learn(q, ans, calls, located)
 
     def rate_limit(self, data: bytes, addr: tuple[str, int], rrl_kind: bytes) -> bytes | None:
         """A packet cache hit's RRL check: None to send the cached reply as it is, else
@@ -473,8 +512,11 @@ class _Steer:
     __slots__ = (
         "addr",
         "by_source",
+        "calls",
         "client",
         "ecs",
+        "generation",
+        "geo",
         "handler",
         "last",
         "located",
@@ -482,6 +524,7 @@ class _Steer:
         "pools_used",
         "rotations",
         "scope_override",
+        "state",
         "turn",
         "used",
     )
@@ -504,6 +547,12 @@ class _Steer:
         self.by_source = False
         self.used = False
         self.pools_used: dict[str, int] = {}
+        # for the fast path: how many geo names were asked about, the last one, the geo
+        # state and GeoIP generation the client was located in
+        self.calls = 0
+        self.geo: GeoName | None = None
+        self.state: GeoState | None = None
+        self.generation = 0
 
     def _decide(
         self,
@@ -540,6 +589,9 @@ class _Steer:
     def __call__(self, geo: GeoName, qtype: int) -> tuple[Decision, RRset | None] | None:
         h = self.handler
         view = h.holder.view.geo
+        self.calls += 1
+        self.geo = geo
+        self.state = view
         pool = view.pools.get(geo.pool)
         if pool is None or h.decide is None:
             return None
@@ -552,6 +604,7 @@ class _Steer:
             )
             # located by the packet source (no usable ECS): the reply depends on it
             self.by_source = self.client is not ecs_ip(self.ecs) or self.scope_override is not None
+            self.generation = h.geo_generation
             self.location = h.locate(self.client) if h.locate is not None else None
         family = 4 if qtype == A else 6 if qtype == AAAA else CNAME_FAMILY
         count = 1 if family == CNAME_FAMILY else geo.count  # a CNAME RRset has one record

@@ -49,6 +49,9 @@ class Catalog:
         # bumped by every publish of anything (zone, health, GeoIP): the packet cache's
         # fast path — an entry made at the current value needs no further checks
         self.changes = 0
+        # bumped when any zone is published or removed (not by health or GeoIP): the
+        # fast path's pre-rendered answers (fastpath.py) are dropped when it moves
+        self.zone_changes = 0
 
     def set(self, origin: bytes, zone: Zone | None) -> None:
         """Publish one zone snapshot (or mark it unloaded); other zones are untouched."""
@@ -59,6 +62,7 @@ class Catalog:
             # (REFUSED, SERVFAIL, a parent zone's) must not be reused
             self.generation += 1
         self.zones[origin] = zone
+        self.zone_changes += 1
         self.changes += 1
 
     def remove(self, origin: bytes) -> None:
@@ -66,6 +70,7 @@ class Catalog:
         if origin in self.zones:
             del self.zones[origin]
             self.generation += 1
+            self.zone_changes += 1
             self.changes += 1
 
     def find(self, qname: bytes, offsets: tuple[int, ...], qtype: int) -> tuple[bool, Zone | None]:

@@ -1,0 +1,506 @@
+"""The fast path: a query of the common shape answered from pre-rendered reply bytes.
+
+Issue 9's "full path" without a packet cache. A query qualifies when its header says
+QUERY with QD=1, AN=NS=0, AR<=1; its one additional record, if any, is an OPT (EDNS
+version 0) carrying nothing or one ECS option (no COOKIE, no NSID); and its question
+has been answered before in this zone snapshot. Everything else, and every case below
+that the fast path does not cover, goes to the full path (`Handler._answer`), which is
+the only place that decides what an answer is. The fast path only replays it:
+
+- **Plans, per question.** After the full path answers a question (name, type, class;
+  `learn`), the answer's sections are rendered to wire bytes once (`Handler._encode`
+  with no size limit) and kept under the question's exact bytes: the "body" (answer,
+  authority and additional sections) plus counts and flags. Compression pointers in a
+  body point into the question (offset 12 onwards) or into the body itself, so the
+  same body is right for every query whose question has the same bytes. A question
+  that reaches a geo name keeps one body per geo decision ("per site set"); anything
+  more involved (a CNAME chain through geo names, per-site CNAMEs, shuffled answers,
+  answers from the zone file's record when geo has no answer) is marked `slow`.
+- **Geo.** The client is located by the ECS address, or by the packet source when the
+  query has no usable ECS (RFC 7871 §7.1.2), exactly as `handler.client_address` does;
+  a special-purpose ECS address (RFC 7871 §11.3) is left to the full path. The location
+  is cached per ECS option / source address and GeoIP generation, and a body is looked
+  up by (location, client prefix) per pool health state (`GeoState` identity), i.e. by
+  everything the geo decision depends on.
+- **The reply** is the query's ID, flags (RD and CD copied, RFC 1035 §4.1.1), the
+  question exactly as sent (0x20 case kept), the body, and our OPT (RFC 6891 §6.1.2)
+  with the ECS option echoed with our SCOPE (RFC 7871 §7.2.1). When it would not fit
+  the UDP size limit the full path answers, so truncation (RFC 2181 §9) stays in one
+  place.
+
+What is kept is bounded (every table is emptied when full) and never outlives what it
+was made from: a zone published or removed empties the plans (`Catalog.zone_changes`),
+a new geo state empties a plan's bodies, a new GeoIP database the cached locations.
+Statistics and response rate limiting are charged as the full path charges them.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import FormError
+from .model import IPAddress, Location
+from .rrl import Action, response_kind
+from .view import GeoState
+from .wire import _parse_opt
+from .zones import AAAA, ANY, CNAME, A, GeoName, Zone
+
+if TYPE_CHECKING:
+    from .handler import CacheInfo, Handler
+    from .resolver import Answer
+    from .wire import Query
+
+_COUNTS = struct.Struct("!HHHH")
+_OPT_HEAD = struct.Struct("!BHHIH")  # root owner, TYPE, CLASS (payload), TTL, RDLENGTH
+
+MAX_PLANS = 100_000  # questions with a plan; the table is emptied when full
+MAX_BODIES = 4096  # geo bodies per plan (per location and client prefix)
+MAX_CLIENTS = 65536  # cached OPT records and source addresses
+
+
+class Miss(enum.Enum):
+    """`FastPath.answer` did not answer: the full path must."""
+
+    MISS = 0
+
+
+MISS = Miss.MISS
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    """A client address as the geo decision sees it, with its cached location."""
+
+    ip: IPAddress
+    prefix: bytes  # packed /24 (IPv4) or /56 (IPv6): the decision memo's client key
+    loc_id: int = 0  # FastPath.loc_ids of its location: equal locations, equal ids
+    generation: int = -1  # the GeoIP generation the location was looked up in
+
+
+@dataclass(slots=True, eq=False)
+class _Opt:
+    """One OPT record as sent by a client, validated, with what our reply's OPT is."""
+
+    limit: int  # UDP reply size limit: min(client payload, ours) (RFC 6891 §6.2.5)
+    ecs: bool  # the query has an ECS option: echo it
+    zero_scope: bool  # SOURCE PREFIX-LENGTH 0: our SCOPE stays 0 (RFC 7871 §7.1.2)
+    client: _Client | None  # the ECS address locates the client (None: the source)
+    head: bytes  # our OPT RR up to the ECS SCOPE octet (all of it without ECS)
+    tail: bytes  # the ECS ADDRESS, after SCOPE
+    by_scope: dict[int, bytes] = field(default_factory=dict)
+
+    def render(self, scope: int) -> bytes:
+        out = self.by_scope.get(scope)
+        if out is None:
+            out = self.by_scope[scope] = self.head + bytes((scope,)) + self.tail
+        return out
+
+
+@dataclass(slots=True, eq=False)
+class _Body:
+    """The rendered sections of one answer and everything charged when it is sent."""
+
+    body: bytes
+    # header after the ID per (RD | CD) of the query: flags and counts, without and
+    # with our OPT; indexed by (byte 2 & 0x01) | (byte 3 & 0x10)
+    head: list[bytes]
+    head_opt: list[bytes]
+    scope: int  # ECS SCOPE PREFIX-LENGTH of the answer
+    stats_udp: tuple[str, int, str]
+    stats_tcp: tuple[str, int, str]
+    rrl_kind: bytes
+    sites: tuple[str, ...] = ()
+    offered: tuple[tuple[str, str], ...] = ()
+    pools: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(slots=True, eq=False)
+class _Plan:
+    """What one question gets from one zone snapshot."""
+
+    zone: Zone
+    slow: bool = False  # the full path answers this question every time
+    static: _Body | None = None  # the same reply for every client
+    geo: GeoName | None = None  # else: one geo decision decides the body
+    family: int = 4
+    # the bodies per (id(location), client prefix or address) for `state`, `generation`
+    state: GeoState | None = None
+    generation: int = -1
+    cidr: bool = False  # the pool has CIDR rules: decisions are per client address
+    bodies: dict[tuple[int, object], _Body] = field(default_factory=dict)
+    # id(decision) -> (decision, its body): clients with the same decision share one
+    rendered: dict[int, tuple[object, _Body]] = field(default_factory=dict)
+
+
+# an OPT record the fast path does not answer (malformed, cookies, NSID, ...)
+_REJECT = _Opt(0, False, False, None, b"", b"")
+
+
+def _heads(flags: int, counts: tuple[int, int, int, int]) -> tuple[list[bytes], list[bytes]]:
+    qd, an, ns, ar = counts
+    head: list[bytes] = [b""] * 18
+    head_opt: list[bytes] = [b""] * 18
+    for idx in (0, 1, 16, 17):
+        f = flags | (0x0100 if idx & 1 else 0) | (0x0010 if idx & 16 else 0)
+        head[idx] = f.to_bytes(2, "big") + _COUNTS.pack(qd, an, ns, ar)
+        head_opt[idx] = f.to_bytes(2, "big") + _COUNTS.pack(qd, an, ns, ar + 1)
+    return head, head_opt
+
+
+class FastPath:
+    """Pre-rendered answers for a Handler; see the module docstring."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.catalog = handler.holder.view.catalog
+        self.plans: dict[bytes, _Plan] = {}
+        self.stamp = self.catalog.zone_changes
+        self.opts: dict[bytes, _Opt] = {}  # _REJECT: the full path answers
+        self.sources: dict[str, _Client] = {}
+        self.loc_ids: dict[Location, int] = {}
+        self.next_loc_id = 0
+        self.hits = 0
+
+    # -- answering -------------------------------------------------------------------
+    def answer(
+        self, data: bytes, addr: tuple[str, int], udp: bool, want_info: bool
+    ) -> tuple[bytes | None, CacheInfo | None] | Miss:
+        """The reply (and, with want_info, what a packet cache needs), or MISS."""
+        # RFC 1035 §4.1.1: QR=0, OPCODE=QUERY; QDCOUNT=1, ANCOUNT=NSCOUNT=0, ARCOUNT<=1
+        if (
+            len(data) < 17
+            or data[2] & 0xF8
+            or data[4:10] != b"\x00\x01\x00\x00\x00\x00"
+            or data[10]
+            or data[11] > 1
+        ):
+            return MISS
+        # The question: a plan is kept under its exact bytes, which were validated when
+        # it was learned, so the first zero octet after the header ends the name when a
+        # plan matches (a name with a zero octet inside a label never matches one).
+        end = data.find(0, 12) + 5
+        if end < 17 or end > len(data):
+            return MISS
+        if self.catalog.zone_changes != self.stamp:
+            self.plans.clear()
+            self.stamp = self.catalog.zone_changes
+        plan = self.plans.get(data[12:end])
+        if plan is None or plan.slow:
+            return MISS
+        h = self.handler
+        opt: _Opt | None = None
+        if data[11]:
+            tail = data[end:]
+            opt = self.opts.get(tail) or self._learn_opt(tail)
+            if opt is _REJECT:
+                return MISS
+        elif len(data) != end:
+            return MISS  # trailing data: the full path's FORMERR
+        body = plan.static
+        by_source = False
+        if body is None:
+            client = opt.client if opt is not None else None
+            if client is None:
+                by_source = True
+                client = self.sources.get(addr[0]) or self._source(addr[0])
+            if client.generation != h.geo_generation:
+                self._locate(client)
+            view = h.holder.view
+            if (
+                plan.state is not view.geo or plan.generation != h.geo_generation
+            ) and not self._reset(plan, view.geo, h.geo_generation):
+                return MISS
+            body = plan.bodies.get((client.loc_id, client.ip if plan.cidr else client.prefix))
+            if body is None:
+                return MISS  # a decision not rendered yet: the full path learns it
+        if opt is None:
+            reply = b"".join(
+                (data[:2], body.head[(data[2] & 0x01) | (data[3] & 0x10)], data[12:end], body.body)
+            )
+            if udp and len(reply) > 512:
+                return MISS  # RFC 1035 §4.2.1: the full path truncates
+        else:
+            optb = opt.render(0 if opt.zero_scope else body.scope) if opt.ecs else opt.head
+            reply = b"".join(
+                (
+                    data[:2],
+                    body.head_opt[(data[2] & 0x01) | (data[3] & 0x10)],
+                    data[12:end],
+                    body.body,
+                    optb,
+                )
+            )
+            if udp and len(reply) > opt.limit:
+                return MISS  # RFC 2181 §9, RFC 6891 §7: the full path truncates
+        stats = h.stats
+        if opt is not None and opt.ecs:
+            stats.ecs_queries += 1
+        if udp and h.rrl is not None:
+            # RRL charges the packet's source network for this kind of reply, like the
+            # full path (handler.py `_answer`)
+            act = h.rrl.check(addr[0], body.rrl_kind, h.clock())
+            if act:
+                return self._limited(data, act), None
+        stats_key = body.stats_udp if udp else body.stats_tcp
+        queries = stats.queries
+        queries[stats_key] = queries.get(stats_key, 0) + 1
+        if body.sites:
+            by_site = stats.answers_by_site
+            for site in body.sites:
+                by_site[site] = by_site.get(site, 0) + 1
+            if body.offered:
+                pool_offered = stats.pool_offered
+                for k in body.offered:
+                    pool_offered[k] = pool_offered.get(k, 0) + 1
+        self.hits += 1
+        if not want_info:
+            return reply, None
+        return reply, self._info(plan, body, by_source, opt, stats_key, udp)
+
+    def _limited(self, data: bytes, act: Action) -> bytes | None:
+        if act is Action.DROP:
+            return None
+        from .wire import decode_query
+
+        q = decode_query(data)  # the fast path's shape: cannot fail
+        assert q is not None
+        return self.handler._slip(q, [])
+
+    def _info(
+        self,
+        plan: _Plan,
+        body: _Body,
+        by_source: bool,
+        opt: _Opt | None,
+        stats_key: tuple[str, int, str],
+        udp: bool,
+    ) -> CacheInfo:
+        from .handler import CacheInfo
+
+        h = self.handler
+        return CacheInfo(
+            zone_key=plan.zone.origin,
+            zone=plan.zone,
+            catalog_generation=self.catalog.generation,
+            pools=body.pools,
+            by_source=by_source and plan.geo is not None,
+            scope=body.scope if plan.geo is not None else 0,
+            stats_key=stats_key,
+            sites=body.sites,
+            ecs=opt is not None and opt.ecs,
+            geo_generation=h.geo_generation,
+            rrl_kind=body.rrl_kind if h.rrl is not None and udp else b"",
+            offered=body.offered,
+        )
+
+    def _reset(self, plan: _Plan, state: GeoState, generation: int) -> bool:
+        """A new geo state or GeoIP database: the plan's bodies start over."""
+        assert plan.geo is not None
+        pool = state.pools.get(plan.geo.pool)
+        if pool is None:
+            return False  # the zone names a pool the config no longer has
+        plan.state = state
+        plan.generation = generation
+        plan.cidr = any(r.kind == "cidr" for r in pool.rules)
+        plan.bodies = {}
+        plan.rendered = {}
+        return True
+
+    def _locate(self, client: _Client) -> None:
+        h = self.handler
+        client.generation = h.geo_generation
+        client.loc_id = self.loc_id(h.locate(client.ip) if h.locate is not None else None)
+
+    def loc_id(self, location: Location | None) -> int:
+        """A small number per distinct location value (never reused for another)."""
+        if location is None:
+            return 0
+        n = self.loc_ids.get(location)
+        if n is None:
+            if len(self.loc_ids) >= MAX_CLIENTS:
+                self.loc_ids.clear()  # ids go on counting: old keys just stop matching
+            self.next_loc_id += 1
+            n = self.loc_ids[location] = self.next_loc_id
+        return n
+
+    def _source(self, host: str) -> _Client:
+        """The packet source as the client address (handler.client_address)."""
+        ip: IPAddress = ipaddress.ip_address(host.split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
+        if len(self.sources) >= MAX_CLIENTS:
+            self.sources.clear()
+        self.sources[host] = client
+        return client
+
+    def _learn_opt(self, tail: bytes) -> _Opt:
+        """Validate one OPT record exactly as the full decoder does (_REJECT: not ours)."""
+        opt = self._parse_opt(tail) or _REJECT
+        if len(self.opts) >= MAX_CLIENTS:
+            self.opts.clear()
+        self.opts[tail] = opt
+        return opt
+
+    def _parse_opt(self, tail: bytes) -> _Opt | None:
+        if len(tail) < 11:
+            return None
+        owner, rtype, cls, ttl, rdlen = _OPT_HEAD.unpack_from(tail)
+        if owner != 0 or rtype != 41 or 11 + rdlen != len(tail):
+            return None  # another record, or not exactly the rest of the message
+        try:
+            edns = _parse_opt(tail, 11, rdlen, cls, ttl)
+        except FormError:
+            return None
+        if edns.version != 0 or edns.cookie is not None or edns.nsid:
+            return None  # BADVERS, cookies and NSID: the full path
+        # only ECS, or nothing, may be in it: unknown options are ignored by the full
+        # path too (RFC 6891 §6.1.2), so they do not change the reply
+        h = self.handler
+        h_payload = h.settings.max_udp_payload
+        # RFC 6891 §6.1.3: our OPT: our payload size, version 0, DO copied
+        ttl_out = 0x8000 if edns.do else 0
+        ecs = edns.ecs
+        if ecs is None:
+            head = _OPT_HEAD.pack(0, 41, h_payload, ttl_out, 0)
+            return _Opt(min(edns.payload, h_payload), False, False, None, head, b"")
+        client: _Client | None = None
+        if ecs.source != 0 and ecs.ip is not None:
+            if h.is_special is not None and h.is_special(ecs.ip):
+                return None  # RFC 7871 §11.3: the full path scopes to the special block
+            ip = ecs.ip
+            client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
+        rdata_len = 4 + 4 + len(ecs.address)
+        head = _OPT_HEAD.pack(0, 41, h_payload, ttl_out, rdata_len) + struct.pack(
+            "!HHHB", 8, 4 + len(ecs.address), ecs.family, ecs.source
+        )
+        return _Opt(min(edns.payload, h_payload), True, ecs.source == 0, client, head, ecs.address)
+
+    # -- learning ---------------------------------------------------------------------
+    def learn(self, q: Query, ans: Answer, geo_calls: int, located: Located | None) -> None:
+        """Keep what the full path just answered for `q`, if the fast path can replay it.
+
+        `geo_calls`: how many geo names the answer asked about; `located`: how the one
+        geo decision was made, when the fast path can replay it for this client."""
+        zone = ans.zone
+        if zone is None or ans.tc or q.qtype == ANY or q.qdcount != 1:
+            return
+        catalog = self.catalog
+        if catalog.zone_changes != self.stamp:
+            self.plans.clear()
+            self.stamp = catalog.zone_changes
+        if catalog.zones.get(zone.origin) is not zone:
+            return  # replaced while this query was answered
+        key = q.question
+        plan = self.plans.get(key)
+        if plan is not None and plan.zone is not zone:
+            plan = None
+        if geo_calls == 0:
+            # no geo name was reached: the same reply for everyone
+            if plan is None:
+                self._store(key, _Plan(zone, static=self._render(q, ans, ())))
+            return
+        geo = zone.geo.get(q.qname.lower()) if zone.geo else None
+        if (
+            geo is None
+            or q.qtype not in (A, AAAA)
+            or q.qtype not in geo.types
+            or CNAME in geo.types
+        ):
+            # geo names reached through a CNAME, per-site CNAMEs: always the full path
+            if plan is None:
+                self._store(key, _Plan(zone, slow=True))
+            return
+        if plan is None or plan.geo is not geo:
+            plan = _Plan(zone, geo=geo, family=4 if q.qtype == A else 6)
+            self._store(key, plan)
+        h = self.handler
+        decision = ans.decision
+        state = h.holder.view.geo
+        if (
+            located is None
+            or geo_calls != 1
+            or located.geo is not geo
+            or located.state is not state
+            or located.generation != h.geo_generation
+            or decision is None
+            or decision.rotations != 1
+            or decision.use_zone_record
+        ):
+            return  # this client's answer is not one to replay
+        if (plan.state is not state or plan.generation != h.geo_generation) and not self._reset(
+            plan, state, h.geo_generation
+        ):
+            return
+        rendered = plan.rendered.get(id(decision))
+        if rendered is not None and rendered[0] is decision:
+            body = rendered[1]
+        else:
+            version = state.pool_versions.get(geo.pool, 0)
+            body = self._render(q, ans, ((geo.pool, version),), located.offered)
+            if len(plan.rendered) >= MAX_BODIES:
+                plan.rendered.clear()
+            plan.rendered[id(decision)] = (decision, body)
+        client = located.client
+        bkey = (
+            self.loc_id(located.location),
+            client if plan.cidr else client.packed[: 3 if client.version == 4 else 7],
+        )
+        if len(plan.bodies) >= MAX_CLIENTS:
+            plan.bodies.clear()
+        plan.bodies[bkey] = body
+
+    def _store(self, key: bytes, plan: _Plan) -> None:
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = plan
+
+    def _render(
+        self,
+        q: Query,
+        ans: Answer,
+        pools: tuple[tuple[str, int], ...],
+        offered: tuple[tuple[str, str], ...] = (),
+    ) -> _Body:
+        """The answer's sections as bytes, as the full path writes them with no limit."""
+        from .handler import QTYPE_NAMES
+
+        h = self.handler
+        reply = h._encode(q, ans, None, [], 65535)
+        flags = int.from_bytes(reply[2:4], "big") & ~0x0110  # RD, CD: per query
+        counts = _COUNTS.unpack_from(reply, 4)
+        head, head_opt = _heads(flags, counts)
+        assert ans.zone is not None
+        name = QTYPE_NAMES.get(q.qtype, "OTHER")
+        decision = ans.decision
+        return _Body(
+            body=reply[12 + len(q.question) :],
+            head=head,
+            head_opt=head_opt,
+            scope=ans.scope if decision is not None else 0,
+            stats_udp=(name, ans.rcode, "udp"),
+            stats_tcp=(name, ans.rcode, "tcp"),
+            rrl_kind=response_kind(ans.rcode, ans.aa, q.qname.lower(), ans.zone.origin),
+            sites=decision.sites if decision is not None else (),
+            offered=offered,
+            pools=pools,
+        )
+
+
+@dataclass(slots=True)
+class Located:
+    """How the full path steered one query that made exactly one geo decision."""
+
+    geo: GeoName
+    state: GeoState
+    client: IPAddress
+    location: Location | None
+    generation: int
+    offered: tuple[tuple[str, str], ...]
+
+
+__all__ = ["MISS", "FastPath", "Located", "Miss"]
