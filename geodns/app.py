@@ -206,7 +206,11 @@ class App:
         self.health.counters = lambda: self.stats.pool_offered
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
-        self.dns = DnsServer(self.cache.handle if self.cache else self.handler.handle, limits)
+        self.dns = DnsServer(
+            self.cache.handle if self.cache else self.handler.handle,
+            limits,
+            udp_batch=self.config.server.udp_batch,
+        )
         await self.dns.start(sockets)
         report = await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
@@ -242,7 +246,11 @@ class App:
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
             asyncio.create_task(worker_stats_loop(self.stats)),
         ]
-        self.dns = DnsServer(self.cache.handle if self.cache else self.handler.handle, limits)
+        self.dns = DnsServer(
+            self.cache.handle if self.cache else self.handler.handle,
+            limits,
+            udp_batch=self.config.server.udp_batch,
+        )
         await self.dns.start(sockets)
         await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()

@@ -69,6 +69,11 @@ class ServerConfig:
     query_log: bool = _doc("log every query (costly; off in production)", False)
     node_id: str = _doc("this node's name in the store and votes; default: the hostname", "")
     packet_cache: bool = _doc("answer repeated questions from a cache of reply bytes", True)
+    udp_batch: bool = _doc(
+        "Linux: receive and send UDP in batches (recvmmsg/sendmmsg, geodns/udpbatch.py); "
+        "false: one datagram per event-loop callback (asyncio's transport)",
+        True,
+    )
     packet_cache_size: int = _doc("cached replies per transport; a full cache is emptied", 100000)
     workers: int = _doc(
         "DNS worker processes (SO_REUSEPORT); 1 = this process serves DNS itself", 1

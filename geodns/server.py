@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from . import udpbatch
 from .model import Transport
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def _safe(handle: HandleFn, data: bytes, addr: tuple[str, int], tr: Transport) -
         return _failed(data, exc)
 
 
+_UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
+
+
 class UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, handle: HandleFn) -> None:
         self.handle = handle
@@ -81,7 +85,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         # the hot path: no extra call layer (try costs nothing unless it raises)
         try:
-            reply = self.handle(data, addr, Transport.UDP)
+            reply = self.handle(data, addr, _UDP)
         except Exception as exc:
             reply = _failed(data, exc)
         if reply is not None and self.transport is not None:
@@ -267,20 +271,30 @@ def bind_sockets(
 class DnsServer:
     """All listeners of one process."""
 
-    def __init__(self, handle: HandleFn, limits: TcpLimits | None = None) -> None:
+    def __init__(
+        self, handle: HandleFn, limits: TcpLimits | None = None, udp_batch: bool = True
+    ) -> None:
         self.handle = handle
         self.tcp_state = TcpServerState(limits or TcpLimits())
-        self.udp_transports: list[asyncio.DatagramTransport] = []
+        # recvmmsg/sendmmsg where the platform has them (udpbatch.py), else asyncio's
+        # datagram transport
+        self.udp_batch = udp_batch and udpbatch.available()
+        self.udp_transports: list[asyncio.DatagramTransport | udpbatch.BatchUdp] = []
         self.tcp_servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
 
     async def start(self, sockets: list[tuple[socket.socket, socket.socket]]) -> None:
         loop = asyncio.get_running_loop()
         for udp, tcp in sockets:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpProtocol(self.handle), sock=udp
-            )
-            self.udp_transports.append(transport)
+            if self.udp_batch:
+                batch = udpbatch.BatchUdp(udp, self.handle)
+                batch.start(loop)
+                self.udp_transports.append(batch)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpProtocol(self.handle), sock=udp
+                )
+                self.udp_transports.append(transport)
             server = await loop.create_server(
                 lambda: TcpProtocol(self.handle, self.tcp_state), sock=tcp
             )

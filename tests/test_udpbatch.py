@@ -1,0 +1,188 @@
+"""UDP through recvmmsg/sendmmsg (geodns/udpbatch.py): every query of a burst gets its
+own reply at its own source, also when some get none, when the handler fails, over
+IPv6, and for the largest datagrams; `udp_batch = false` uses asyncio's transport."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from geodns import udpbatch
+from geodns.model import Transport
+from geodns.server import DnsServer, UdpProtocol, bind_sockets
+
+pytestmark = pytest.mark.skipif(not udpbatch.available(), reason="Linux recvmmsg/sendmmsg")
+
+Handle = Callable[[bytes, tuple[str, int], Transport], "bytes | None"]
+
+
+def echo(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+    """Reply = the query with QR set, plus the source the handler was given."""
+    assert transport is Transport.UDP
+    return data[:2] + bytes([data[2] | 0x80]) + data[3:] + f"|{addr[0]}|{addr[1]}".encode()
+
+
+def query(qid: int, size: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x01\x00\x01" + bytes(size)
+
+
+def burst(host: str, port: int, clients: int, per_client: int) -> dict[int, list[bytes]]:
+    """Send every query before reading any reply (so the server gets batches)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(clients)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+            s.settimeout(3)
+        for k in range(per_client):
+            for c, s in enumerate(socks):
+                s.sendto(query(c * 1000 + k), (host, port))
+        got: dict[int, list[bytes]] = {}
+        for s in socks:
+            port_c = s.getsockname()[1]
+            got[port_c] = [s.recv(70000) for _ in range(per_client)]
+        return got
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def serve(host: str, handle: Handle) -> tuple[udpbatch.BatchUdp, int]:
+    udp, tcp = bind_sockets(host, 0)
+    tcp.close()
+    batch = udpbatch.BatchUdp(udp, handle)
+    batch.start(asyncio.get_running_loop())
+    return batch, udp.getsockname()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_every_query_of_a_burst_is_answered_at_its_source(host: str) -> None:
+    async def run() -> None:
+        batch, port = await serve(host, echo)
+        try:
+            got = await asyncio.to_thread(burst, host, port, 6, 40)
+        finally:
+            batch.close()
+        for client_port, replies in got.items():
+            assert len(replies) == 40
+            for r in replies:
+                head, src, sport = r.rsplit(b"|", 2)
+                assert head[2] & 0x80
+                assert (src.decode(), int(sport)) == (host, client_port)
+            ids = sorted(struct.unpack("!H", r[:2])[0] % 1000 for r in replies)
+            assert ids == list(range(40))
+        assert batch.send_dropped == 0
+
+    asyncio.run(run())
+
+
+def test_queries_without_a_reply_do_not_shift_the_others() -> None:
+    """Dropped queries inside a batch: each reply still goes to its own client."""
+
+    def some(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        return None if struct.unpack("!H", data[:2])[0] % 3 == 0 else echo(data, addr, transport)
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", some)
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+        try:
+
+            def go() -> dict[int, set[int]]:
+                for s in socks:
+                    s.bind(("127.0.0.1", 0))
+                    s.settimeout(0.5)
+                for k in range(30):
+                    for c, s in enumerate(socks):
+                        s.sendto(query(k * 4 + c), ("127.0.0.1", port))
+                got: dict[int, set[int]] = {}
+                for c, s in enumerate(socks):
+                    ids = got.setdefault(c, set())
+                    while True:
+                        try:
+                            r = s.recv(2048)
+                        except TimeoutError:
+                            break
+                        assert int(r.rsplit(b"|", 1)[1]) == s.getsockname()[1]
+                        ids.add(struct.unpack("!H", r[:2])[0])
+                return got
+
+            got = await asyncio.to_thread(go)
+        finally:
+            batch.close()
+            for s in socks:
+                s.close()
+        for c in range(4):
+            assert got[c] == {k * 4 + c for k in range(30) if (k * 4 + c) % 3}
+
+    asyncio.run(run())
+
+
+def test_a_failing_handler_costs_one_servfail() -> None:
+    def broken(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        if data[1] == 7:
+            raise RuntimeError("bug")
+        return echo(data, addr, transport)
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", broken)
+        try:
+            got = await asyncio.to_thread(burst, "127.0.0.1", port, 1, 10)
+        finally:
+            batch.close()
+        (replies,) = got.values()
+        by_id = {struct.unpack("!H", r[:2])[0]: r for r in replies}
+        assert by_id[7][3] & 0x0F == 2  # SERVFAIL, header copied
+        assert len(by_id[7]) == 12
+        assert len(by_id) == 10
+        assert all(b"|127.0.0.1|" in r for k, r in by_id.items() if k != 7)
+
+    asyncio.run(run())
+
+
+def test_the_largest_datagram_arrives_whole() -> None:
+    sizes: list[int] = []
+
+    def size(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        sizes.append(len(data))
+        return data[:12]
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", size)
+        try:
+
+            def go() -> bytes:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.settimeout(3)
+                    s.sendto(query(1, 65507 - 17), ("127.0.0.1", port))
+                    return s.recv(2048)
+
+            reply = await asyncio.to_thread(go)
+        finally:
+            batch.close()
+        assert reply[:2] == b"\x00\x01"
+        assert sizes == [65507]
+
+    asyncio.run(run())
+
+
+def test_udp_batch_off_uses_the_asyncio_transport() -> None:
+    async def run() -> None:
+        for flag in (False, True):
+            server = DnsServer(echo, udp_batch=flag)
+            await server.start([bind_sockets("127.0.0.1", 0)])
+            try:
+                (t,) = server.udp_transports
+                assert isinstance(t, udpbatch.BatchUdp) == flag
+                if not flag:
+                    assert isinstance(t.get_protocol(), UdpProtocol)  # type: ignore[union-attr]
+                port = server.addresses[0][1]
+                got = await asyncio.to_thread(burst, "127.0.0.1", port, 2, 5)
+                assert sum(len(v) for v in got.values()) == 10
+            finally:
+                await server.stop(0.1)
+
+    asyncio.run(run())
