@@ -89,14 +89,22 @@ class _Opt:
     ecs: bool  # the query has an ECS option: echo it
     zero_scope: bool  # SOURCE PREFIX-LENGTH 0: our SCOPE stays 0 (RFC 7871 §7.1.2)
     client: _Client | None  # the ECS address locates the client (None: the source)
-    head: bytes  # our OPT RR up to the ECS SCOPE octet (all of it without ECS)
+    fixed: bytes  # our OPT RR header (payload, DO) without RDLENGTH
+    head: bytes  # our options after a COOKIE: NSID, then ECS up to its SCOPE octet
     tail: bytes  # the ECS ADDRESS, after SCOPE
+    cookie: bytes | None = None  # the query's COOKIE option data (RFC 7873 §4)
     by_scope: dict[int, bytes] = field(default_factory=dict)
 
+    def options(self, scope: int) -> bytes:
+        """Our options after a COOKIE, with this ECS SCOPE."""
+        return self.head + bytes((scope,)) + self.tail if self.ecs else self.head
+
     def render(self, scope: int) -> bytes:
+        """Our whole OPT RR for a query without a COOKIE."""
         out = self.by_scope.get(scope)
         if out is None:
-            out = self.by_scope[scope] = self.head + bytes((scope,)) + self.tail
+            opts = self.options(scope)
+            out = self.by_scope[scope] = self.fixed + len(opts).to_bytes(2, "big") + opts
         return out
 
 
@@ -137,7 +145,7 @@ class _Plan:
 
 
 # an OPT record the fast path does not answer (malformed, cookies, NSID, ...)
-_REJECT = _Opt(0, False, False, None, b"", b"")
+_REJECT = _Opt(0, False, False, None, b"", b"", b"")
 
 
 def _heads(flags: int, counts: tuple[int, int, int, int]) -> tuple[list[bytes], list[bytes]]:
@@ -217,6 +225,8 @@ class FastPath:
             body = plan.bodies.get((client.loc_id, client.ip if plan.cidr else client.prefix))
             if body is None:
                 return MISS  # a decision not rendered yet: the full path learns it
+        cookie_ok = False
+        cookie: bytes | None = None  # our COOKIE option data
         if opt is None:
             reply = b"".join(
                 (data[:2], body.head[(data[2] & 0x01) | (data[3] & 0x10)], data[12:end], body.body)
@@ -224,7 +234,16 @@ class FastPath:
             if udp and len(reply) > 512:
                 return MISS  # RFC 1035 §4.2.1: the full path truncates
         else:
-            optb = opt.render(0 if opt.zero_scope else body.scope) if opt.ecs else opt.head
+            scope = 0 if opt.zero_scope else body.scope
+            if opt.cookie is None:
+                optb = opt.render(scope)
+            else:
+                # RFC 7873 §5.2: a server cookie for this client, the options after it
+                cookie_ok, cookie = h._cookie(opt.cookie, addr)
+                if not cookie_ok and udp and h.settings.cookies_require:
+                    return MISS  # RFC 7873 §5.2.3: BADCOOKIE, from the full path
+                opts = b"\x00\x0a" + len(cookie).to_bytes(2, "big") + cookie + opt.options(scope)
+                optb = opt.fixed + len(opts).to_bytes(2, "big") + opts
             reply = b"".join(
                 (
                     data[:2],
@@ -239,12 +258,12 @@ class FastPath:
         stats = h.stats
         if opt is not None and opt.ecs:
             stats.ecs_queries += 1
-        if udp and h.rrl is not None:
+        if udp and h.rrl is not None and not cookie_ok:
             # RRL charges the packet's source network for this kind of reply, like the
-            # full path (handler.py `_answer`)
+            # full path (handler.py `_answer`); not a client with a valid server cookie
             act = h.rrl.check(addr[0], body.rrl_kind, h.clock())
             if act:
-                return self._limited(data, act), None
+                return self._limited(data, act, cookie), None
         stats_key = body.stats_udp if udp else body.stats_tcp
         queries = stats.queries
         queries[stats_key] = queries.get(stats_key, 0) + 1
@@ -257,18 +276,25 @@ class FastPath:
                 for k in body.offered:
                     pool_offered[k] = pool_offered.get(k, 0) + 1
         self.hits += 1
-        if not want_info:
-            return reply, None
+        if not want_info or (opt is not None and opt.cookie is not None):
+            return reply, None  # a server cookie is per client and per time: not reusable
         return reply, self._info(plan, body, by_source, opt, stats_key, udp)
 
-    def _limited(self, data: bytes, act: Action) -> bytes | None:
+    def _limited(self, data: bytes, act: Action, cookie: bytes | None) -> bytes | None:
         if act is Action.DROP:
             return None
-        from .wire import decode_query
+        from .wire import OPT_COOKIE, OPT_NSID, decode_query
 
         q = decode_query(data)  # the fast path's shape: cannot fail
         assert q is not None
-        return self.handler._slip(q, [])
+        h = self.handler
+        # the options of the full path's slipped reply: the cookie, NSID (ECS: _slip)
+        options: list[tuple[int, bytes]] = []
+        if cookie is not None:
+            options.append((OPT_COOKIE, cookie))
+        if q.edns is not None and q.edns.nsid and h.settings.nsid:
+            options.append((OPT_NSID, h.settings.nsid))
+        return h._slip(q, options)
 
     def _info(
         self,
@@ -356,29 +382,30 @@ class FastPath:
             edns = _parse_opt(tail, 11, rdlen, cls, ttl)
         except FormError:
             return None
-        if edns.version != 0 or edns.cookie is not None or edns.nsid:
-            return None  # BADVERS, cookies and NSID: the full path
-        # only ECS, or nothing, may be in it: unknown options are ignored by the full
-        # path too (RFC 6891 §6.1.2), so they do not change the reply
+        if edns.version != 0:
+            return None  # RFC 6891 §6.1.3: BADVERS, from the full path
+        # unknown options are ignored by the full path too (RFC 6891 §6.1.2)
         h = self.handler
         h_payload = h.settings.max_udp_payload
         # RFC 6891 §6.1.3: our OPT: our payload size, version 0, DO copied
-        ttl_out = 0x8000 if edns.do else 0
+        fixed = _OPT_HEAD.pack(0, 41, h_payload, 0x8000 if edns.do else 0, 0)[:-2]
+        # RFC 5001 §2.3: NSID when asked and configured, before ECS as the full path
+        nsid = b""
+        if edns.nsid and h.settings.nsid:
+            nsid = struct.pack("!HH", 3, len(h.settings.nsid)) + h.settings.nsid
+        limit = min(edns.payload, h_payload)
         ecs = edns.ecs
         if ecs is None:
-            head = _OPT_HEAD.pack(0, 41, h_payload, ttl_out, 0)
-            return _Opt(min(edns.payload, h_payload), False, False, None, head, b"")
+            return _Opt(limit, False, False, None, fixed, nsid, b"", edns.cookie)
         client: _Client | None = None
         if ecs.source != 0 and ecs.ip is not None:
             if h.is_special is not None and h.is_special(ecs.ip):
                 return None  # RFC 7871 §11.3: the full path scopes to the special block
             ip = ecs.ip
             client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
-        rdata_len = 4 + 4 + len(ecs.address)
-        head = _OPT_HEAD.pack(0, 41, h_payload, ttl_out, rdata_len) + struct.pack(
-            "!HHHB", 8, 4 + len(ecs.address), ecs.family, ecs.source
-        )
-        return _Opt(min(edns.payload, h_payload), True, ecs.source == 0, client, head, ecs.address)
+        # RFC 7871 §7.2.1: FAMILY, SOURCE PREFIX-LENGTH and ADDRESS echoed
+        head = nsid + struct.pack("!HHHB", 8, 4 + len(ecs.address), ecs.family, ecs.source)
+        return _Opt(limit, True, ecs.source == 0, client, fixed, head, ecs.address, edns.cookie)
 
     # -- learning ---------------------------------------------------------------------
     def learn(self, q: Query, ans: Answer, geo_calls: int, located: Located | None) -> None:

@@ -388,7 +388,11 @@ class Handler:
 
     def _cookie(self, opt: bytes, addr: tuple[str, int]) -> tuple[bool, bytes]:
         client = opt[:8]
-        ip = ipaddress.ip_address(addr[0].split("%")[0]).packed
+        ip = _PACKED_SOURCE.get(addr[0])
+        if ip is None:
+            if len(_PACKED_SOURCE) >= _MEMO_MAX:
+                _PACKED_SOURCE.clear()
+            ip = _PACKED_SOURCE[addr[0]] = ipaddress.ip_address(addr[0].split("%")[0]).packed
         if len(opt) > 8:
             valid, refresh = self.cookies.check(client, opt[8:], ip)
             if valid and not refresh:
@@ -713,6 +717,8 @@ def _offered_keys(pool: str, decision: Decision) -> tuple[tuple[str, str], ...]:
 _UP = SiteState()
 # text address -> packed bytes (bounded by the configured addresses)
 _PACKED: dict[str, bytes] = {}
+# packet source address text -> packed (server cookies); emptied when full
+_PACKED_SOURCE: dict[str, bytes] = {}
 # memoized geo decisions (see _Steer.__call__); emptied when full
 _DECISIONS: dict[tuple[object, ...], Decision] = {}
 _MEMO_MAX = 65536

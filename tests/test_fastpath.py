@@ -28,6 +28,7 @@ import pytest
 
 from geodns import geo, pick
 from geodns.config import load_config
+from geodns.cookies import CookieJar
 from geodns.handler import Handler, Settings
 from geodns.model import Health, Override, SiteState, Transport
 from geodns.rrl import RateLimiter
@@ -124,10 +125,16 @@ class World:
     config_pools: dict[str, object]
 
 
+# one cookie secret and a fixed clock for both handlers: server cookies, and so whole
+# replies, are a function of the query and its source
+JAR = CookieJar(b"fastpath-secret!", clock=lambda: 1_750_000_000.0)
+
+
 def _handler(holder: ViewHolder, locate: object, fast: bool, **kw: object) -> Handler:
+    kw.setdefault("cookies", JAR)
     return Handler(
         holder,
-        Settings(fast_path=fast),
+        Settings(fast_path=fast, nsid=b"ns-test"),
         locate=locate,  # type: ignore[arg-type]
         decide=pick.decide,
         is_special=geo.is_special,
@@ -189,15 +196,32 @@ ECS = [None, "212.58.224.0/24", "81.169.145.0/24", "8.8.8.0/24", "2a00:1450::/48
 SOURCES = ["127.0.1.5", "127.0.2.5", "127.0.1.200", "::ffff:127.0.2.9", "::1"]
 
 
-def make_query(name: str, rtype: str, rng: random.Random) -> bytes:
-    """One query with randomly chosen case, flags, EDNS size, DO and ECS."""
+def cookie_option(rng: random.Random, source: str) -> dns.edns.Option:
+    """A client cookie alone, with a valid server cookie, or with a wrong one."""
+    client = rng.randbytes(8)
+    kind = rng.choice(["client", "valid", "old", "wrong"])
+    if kind == "client":
+        return dns.edns.GenericOption(10, client)
+    ip = ipaddress.ip_address(source.split("%")[0]).packed
+    now = 1_750_000_000 - (2000 if kind == "old" else 0)  # "old": valid, to be refreshed
+    server = JAR.mint(client, ip, now) if kind != "wrong" else rng.randbytes(16)
+    return dns.edns.GenericOption(10, client + server)
+
+
+def make_query(name: str, rtype: str, rng: random.Random, source: str = "127.0.1.5") -> bytes:
+    """One query with randomly chosen case, flags, EDNS size, DO, ECS, cookie, NSID."""
     wname = "".join(c.upper() if rng.random() < 0.5 else c for c in name)  # 0x20
     edns = rng.random() < 0.8
-    options = []
+    options: list[dns.edns.Option] = []
     ecs = rng.choice(ECS) if edns else None
+    if edns and rng.random() < 0.25:
+        options.append(cookie_option(rng, source))
+    if edns and rng.random() < 0.15:
+        options.append(dns.edns.GenericOption(3, b""))  # NSID (RFC 5001)
     if ecs is not None:
         net = ipaddress.ip_network(ecs)
         options.append(dns.edns.ECSOption(str(net.network_address), net.prefixlen))
+    rng.shuffle(options)
     q = dns.message.make_query(
         wname,
         rtype,
@@ -215,11 +239,13 @@ def make_query(name: str, rtype: str, rng: random.Random) -> bytes:
     return q.to_wire()
 
 
-def corpus(seed: int = 9) -> Iterator[bytes]:
+def corpus(seed: int = 9) -> Iterator[tuple[bytes, str]]:
+    """(query, the source address it is sent from)"""
     rng = random.Random(seed)
     for name, rtype in itertools.product(names(), TYPES):
         for _ in range(3):
-            yield make_query(name, rtype, rng)
+            source = rng.choice(SOURCES)
+            yield make_query(name, rtype, rng, source), source
 
 
 def stats_of(h: Handler) -> tuple[object, ...]:
@@ -230,9 +256,9 @@ def stats_of(h: Handler) -> tuple[object, ...]:
 def test_fast_path_replies_are_the_full_paths(world: World) -> None:
     rng = random.Random(1)
     n = 0
-    for data in corpus():
+    for data, source in corpus():
         transport = UDP if rng.random() < 0.7 else TCP
-        addr = (rng.choice(SOURCES), 5300)
+        addr = (source, 5300)
         other = struct.pack("!H", rng.randrange(65536)) + data[2:]
         for q in (data, data, other):
             assert world.fast.handle(q, addr, transport) == world.full.handle(q, addr, transport), (
@@ -250,9 +276,8 @@ def test_fast_path_replies_are_the_full_paths(world: World) -> None:
 
 def test_packet_cache_misses_through_the_fast_path(world: World) -> None:
     """process() (a packet cache's miss) gives the same reply and what it depended on."""
-    rng = random.Random(2)
-    for data in corpus(3):
-        addr = (rng.choice(SOURCES), 5300)
+    for data, source in corpus(3):
+        addr = (source, 5300)
         for _ in range(2):
             fast_reply, fast_info = world.fast.process(data, addr, UDP)
             full_reply, full_info = world.full.process(data, addr, UDP)
@@ -471,3 +496,28 @@ def test_rrl_charges_replayed_answers(world: World) -> None:
     assert outcomes.count("drop") > 0 and outcomes.count("slip") > 0
     assert replayed(fast) > 0
     assert stats_of(fast) == stats_of(full)
+
+
+def test_cookies_are_minted_per_client_on_replayed_answers(world: World) -> None:
+    """RFC 7873 §5.2: each client gets its own server cookie, also from the fast path;
+    NSID (RFC 5001) comes along when asked."""
+    h = world.fast
+    client = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    q = dns.message.make_query(
+        "www.example.test",
+        "A",
+        use_edns=0,
+        options=[dns.edns.GenericOption(10, client), dns.edns.GenericOption(3, b"")],
+    ).to_wire()
+    before = replayed(h)
+    for source in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+        reply = h.handle(q, (source, 53), UDP)
+        assert reply == world.full.handle(q, (source, 53), UDP)
+        assert reply is not None
+        m = dns.message.from_wire(reply)
+        opts = {o.otype: o for o in m.options}
+        server = opts[10].to_wire()[8:]  # type: ignore[union-attr]
+        ip = ipaddress.ip_address(source).packed
+        assert JAR.check(client, server, ip) == (True, False)
+        assert opts[3].to_wire() == b"ns-test"  # type: ignore[union-attr]
+    assert replayed(h) == before + 2  # the first one learned the question
