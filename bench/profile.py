@@ -125,6 +125,10 @@ def stage(filename: str, func: str) -> str:
         return "resolve (resolver.py)"
     if name == "cache.py":
         return "packet cache (cache.py)"
+    if name == "fastpath.py":
+        return "fast path (fastpath.py)"
+    if name == "udpbatch.py":
+        return "UDP batches (udpbatch.py)"
     if name == "rrl.py":
         return "RRL (rrl.py)"
     if name in ("zones.py", "view.py", "model.py", "zonefast.py"):
@@ -201,6 +205,15 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
             for q in queries:
                 handler.handle(q, addr, udp)
 
+    def no_fast() -> None:
+        # the full path without pre-rendered answers (Settings.fast_path = false): what
+        # a question costs the first time, and what the fast path does not cover
+        fast, handler.fast = handler.fast, None
+        try:
+            full()
+        finally:
+            handler.fast = fast
+
     floor_dict = {q[2:]: handler.handle(q, addr, udp)[2:] for q in queries}
 
     def floor() -> None:
@@ -245,6 +258,7 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
     timings = {
         "hit": per_call_ns(hits, calls),
         "full": per_call_ns(full, calls),
+        "no_fast": per_call_ns(no_fast, calls),
         "floor": per_call_ns(floor, calls),
         "decode": per_call_ns(decode, calls),
         "ip_address": per_call_ns(parse_addr, calls),
@@ -273,7 +287,10 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
         "|---|---:|",
         f"| hit path: `PacketCache.handle` | {timings['hit'] / 1000:.2f} |",
         f"| floor: dict lookup of `data[2:]` + ID splice | {timings['floor'] / 1000:.2f} |",
-        f"| full path: `Handler.handle` | {timings['full'] / 1000:.2f} |",
+        f"| full path: `Handler.handle` (fast path: pre-rendered answers) | "
+        f"{timings['full'] / 1000:.2f} |",
+        f"| full path with the fast path off (decode, resolve, pick, encode) | "
+        f"{timings['no_fast'] / 1000:.2f} |",
         f"| `wire.decode_query` (alone) | {timings['decode'] / 1000:.2f} |",
         f"| `ipaddress.ip_address(str)` (alone) | {timings['ip_address'] / 1000:.2f} |",
     ]
@@ -294,6 +311,7 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
     for title, fn, total in (
         ("hit path (`PacketCache.handle`)", hits, timings["hit"]),
         ("full path (`Handler.handle`)", full, timings["full"]),
+        ("full path with the fast path off", no_fast, timings["no_fast"]),
     ):
         split = profile_split(fn, calls, total)
         lines += ["", f"cProfile own time of the {title}, scaled to {total / 1000:.2f} µs:", ""]

@@ -24,7 +24,12 @@ with a note):
   geodns-rrl       the same with [rrl] on at its defaults (which exempt 127.0.0.0/8)
   geodns-rrl-counted  [rrl] on, nothing exempt, a rate never reached: what the
                    limiter's accounting costs per response
-  geodns-full      `geodns serve --no-packet-cache`: decode, resolve, pick, encode each time
+  geodns-full      `geodns serve --no-packet-cache`: every query through the fast path
+                   (pre-rendered answers, geo decision per client network)
+  geodns-nofast    --no-packet-cache and [server] fast_path = false: decode, resolve,
+                   pick, encode each time
+  geodns-asyncio   as geodns, with [server] udp_batch = false: asyncio's datagram
+                   transport (one recvmsg/sendmsg and one callback per datagram)
   geodns-workers1  `--workers 1`, fixed rate only
   geodns-workers2  `--workers 2`, fixed rate only (both workers share CPU 0 here)
 """
@@ -97,6 +102,8 @@ ROWS = [
     "geodns-rrl",
     "geodns-rrl-counted",
     "geodns-full",
+    "geodns-nofast",
+    "geodns-asyncio",
     "geodns-workers1",
     "geodns-workers2",
 ]
@@ -308,8 +315,11 @@ def write_gdnsd(root: Path, port: int, mmdb: Path) -> Path:
     return d
 
 
-def write_geodns(root: Path, name: str, mmdb: Path, rrl: dict[str, object] | None) -> Path:
-    """A geodns config dir root/name; `rrl` None: no [rrl] section, else its keys."""
+def write_geodns(
+    root: Path, name: str, mmdb: Path, rrl: dict[str, object] | None, server: str = ""
+) -> Path:
+    """A geodns config dir root/name; `rrl` None: no [rrl] section, else its keys;
+    `server`: more [server] lines."""
     d = root / name
     (d / "zones").mkdir(parents=True)
     sites = "".join(
@@ -324,6 +334,7 @@ def write_geodns(root: Path, name: str, mmdb: Path, rrl: dict[str, object] | Non
             f"""\
             [server]
             listen = ["127.0.0.1:0"]   # --listen on the command line
+            {server}
             [zones]
             directory = "zones"
             [api]
@@ -369,6 +380,7 @@ class Features:
     no_packet_cache: bool
     workers: bool
     rrl: list[str] | None  # the keys of [rrl], None when geodns has no such section
+    server: list[str] = field(default_factory=list)  # the keys of [server]
 
     def rrl_config(self, mode: str) -> dict[str, object] | None:
         """[rrl] keys for `off` (every row but the RRL ones), `default`, `counted`."""
@@ -406,7 +418,15 @@ def detect_features(root: Path, mmdb: Path) -> Features:
             rrl = list(getattr(cls, "__dataclass_fields__", {}))
         except Exception:
             rrl = []
-    return Features("--no-packet-cache" in out, "--workers" in out, rrl)
+    server: list[str] = []
+    try:
+        from geodns import config as gconfig
+
+        cls = getattr(gconfig, "_SECTIONS", {}).get("server")
+        server = list(getattr(cls, "__dataclass_fields__", {}))
+    except Exception:
+        pass
+    return Features("--no-packet-cache" in out, "--workers" in out, rrl, server)
 
 
 # -- DNS over UDP, enough for readiness and the answer check ---------------------------
@@ -661,6 +681,14 @@ def plans(args: argparse.Namespace, feat: Features, cfgs: dict[str, Path]) -> li
         Plan("geodns-rrl-counted", geodns("rrl-counted"), [CLOSED, args.rates[0]], ""),
         Plan("geodns-full", geodns("base", "--no-packet-cache"), all_rates, "--no-packet-cache"),
     ]
+    for row, cfg, flags, what in (
+        ("geodns-nofast", "nofast", ["--no-packet-cache"], "--no-packet-cache, fast_path off"),
+        ("geodns-asyncio", "asyncio", [], "[server] udp_batch = false"),
+    ):
+        plan = Plan(row, geodns(cfg, *flags), all_rates, what)
+        if cfg not in cfgs:
+            plan.skip = f"geodns has no [server] {'fast_path' if cfg == 'nofast' else 'udp_batch'}"
+        out.append(plan)
     out[3].what = "[rrl] on, exempt = [], responses_per_s = 1e9: accounting, never limiting"
     if feat.rrl is None:
         out[2].skip = out[3].skip = "geodns has no [rrl] config section yet"
@@ -872,6 +900,10 @@ def main(argv: list[str] | None = None) -> int:
                     root, "geodns-rrl-counted", mmdb, feat.rrl_config("counted")
                 ),
             }
+            off = feat.rrl_config("off")
+            for key, cfg in (("fast_path", "nofast"), ("udp_batch", "asyncio")):
+                if key in feat.server:
+                    cfgs[cfg] = write_geodns(root, f"geodns-{cfg}", mmdb, off, f"{key} = false")
             gdnsd_dir = write_gdnsd(root, 0, mmdb)
             queries = root / "queries.txt"
             queries.write_text("\n".join(MIX) + "\n")

@@ -122,6 +122,7 @@ class App:
             max_cname_chain=cfg.server.max_cname_chain,
             max_additional_rrsets=cfg.server.max_additional_rrsets,
             cookies_require=cfg.cookies.require,
+            fast_path=cfg.server.fast_path,
         )
         locate = None
         # state_dir/current.mmdb (from `geodns geoip update`) if present, else [geoip]

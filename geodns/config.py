@@ -69,6 +69,12 @@ class ServerConfig:
     query_log: bool = _doc("log every query (costly; off in production)", False)
     node_id: str = _doc("this node's name in the store and votes; default: the hostname", "")
     packet_cache: bool = _doc("answer repeated questions from a cache of reply bytes", True)
+    fast_path: bool = _doc(
+        "replay answers pre-rendered to wire bytes for questions answered before "
+        "(geodns/fastpath.py); false: decode, resolve, pick and encode every query that "
+        "the packet cache misses",
+        True,
+    )
     udp_batch: bool = _doc(
         "Linux: receive and send UDP in batches (recvmmsg/sendmmsg, geodns/udpbatch.py); "
         "false: one datagram per event-loop callback (asyncio's transport)",
