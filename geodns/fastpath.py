@@ -9,10 +9,11 @@ the only place that decides what an answer is. The fast path only replays it:
 
 - **Plans, per question.** After the full path answers a question (name, type, class;
   `learn`), the answer's sections are rendered to wire bytes once (`Handler._encode`
-  with no size limit) and kept under the question's exact bytes: the "body" (answer,
-  authority and additional sections) plus counts and flags. Compression pointers in a
-  body point into the question (offset 12 onwards) or into the body itself, so the
-  same body is right for every query whose question has the same bytes. A question
+  with no size limit) and kept under the question's bytes with the name in lower case:
+  the "body" (answer, authority and additional sections) plus counts and flags.
+  Compression pointers in a body point into the question (offset 12 onwards) or into
+  the body itself, and the question is echoed as sent, so the same body is right for
+  every query with the same question in any mix of case (0x20). A question
   that reaches a geo name keeps one body per geo decision ("per site set"); anything
   more involved (a CNAME chain through geo names, per-site CNAMEs, shuffled answers,
   answers from the zone file's record when geo has no answer) is marked `slow`.
@@ -187,16 +188,22 @@ class FastPath:
             or data[11] > 1
         ):
             return MISS
-        # The question: a plan is kept under its exact bytes, which were validated when
-        # it was learned, so the first zero octet after the header ends the name when a
-        # plan matches (a name with a zero octet inside a label never matches one).
+        # The question: a plan is kept under the bytes of a question that was validated
+        # when it was learned, so the first zero octet after the header ends the name
+        # when a plan matches (a name with a zero octet inside a label never matches
+        # one; lower-casing changes no length octet, as those are below 64).
         end = data.find(0, 12) + 5
         if end < 17 or end > len(data):
             return MISS
         if self.catalog.zone_changes != self.stamp:
             self.plans.clear()
             self.stamp = self.catalog.zone_changes
-        plan = self.plans.get(data[12:end])
+        # plans are kept under the question with its name in lower case: a body does not
+        # depend on the case of the question (names in it point at the question, which
+        # is echoed as sent), so one plan serves every 0x20 variant
+        plan = self.plans.get(data[12:end]) or self.plans.get(
+            data[12 : end - 4].lower() + data[end - 4 : end]
+        )
         if plan is None or plan.slow:
             return MISS
         h = self.handler
@@ -422,7 +429,7 @@ class FastPath:
             self.stamp = catalog.zone_changes
         if catalog.zones.get(zone.origin) is not zone:
             return  # replaced while this query was answered
-        key = q.question
+        key = q.qname.lower() + q.question[len(q.qname) :]
         plan = self.plans.get(key)
         if plan is not None and plan.zone is not zone:
             plan = None

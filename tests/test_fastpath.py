@@ -521,3 +521,25 @@ def test_cookies_are_minted_per_client_on_replayed_answers(world: World) -> None
         assert JAR.check(client, server, ip) == (True, False)
         assert opts[3].to_wire() == b"ns-test"  # type: ignore[union-attr]
     assert replayed(h) == before + 2  # the first one learned the question
+
+
+def test_one_plan_serves_every_0x20_variant(world: World) -> None:
+    """Resolvers that randomize the case of each query (0x20) are replayed too: one
+    plan per question in lower case, the question echoed exactly as sent."""
+    h = world.fast
+    rng = random.Random(5)
+    before = replayed(h)
+    for i in range(40):
+        name = "".join(c.upper() if rng.random() < 0.5 else c for c in "geo.example.test.")
+        q = dns.message.make_query(
+            name, "A", use_edns=0, options=[dns.edns.ECSOption("212.58.224.0", 24)]
+        )
+        q.id = i
+        data = q.to_wire()
+        reply = h.handle(data, ("127.0.1.5", 53), UDP)
+        assert reply == world.full.handle(data, ("127.0.1.5", 53), UDP)
+        assert reply is not None
+        qlen = len(name) + 1 + 4
+        assert reply[12 : 12 + qlen] == data[12 : 12 + qlen]  # the case as sent
+    assert replayed(h) - before == 39  # all but the first, which learned the question
+    assert h.fast is not None and len(h.fast.plans) == 1
