@@ -583,7 +583,9 @@ def main() -> int:
     p.add_argument("--no-live", action="store_true", help="only the in-process part")
     p.add_argument("--reps", type=int, default=2500, help="passes over the 20-query mix")
     p.add_argument("--rate", type=int, default=40000, help="dnsperf -Q for the live part")
-    p.add_argument("--full-rate", type=int, default=10000, help="-Q for the full path")
+    p.add_argument(
+        "--full-rate", type=int, default=40000, help="-Q for the full path (--no-packet-cache)"
+    )
     p.add_argument("--duration", type=float, default=6.0, help="seconds per live run")
     p.add_argument("--cpu", default="0", help="server CPU list (default 0)")
     p.add_argument("--client-cpu", default="1", help="dnsperf CPU list (default 1)")
