@@ -186,3 +186,43 @@ def test_udp_batch_off_uses_the_asyncio_transport() -> None:
                 await server.stop(0.1)
 
     asyncio.run(run())
+
+
+def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
+    """sendmmsg stops at a message it cannot send (here: to port 0, EINVAL); that reply
+    is counted as dropped and the rest of the batch still goes out."""
+    udp, tcp = bind_sockets("127.0.0.1", 0)
+    tcp.close()
+    port = udp.getsockname()[1]
+    batch: udpbatch.BatchUdp | None = None
+
+    def spoiled(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        if data[1] == 1:
+            assert batch is not None
+            batch._nview[2:4] = b"\x00\x00"  # the first query's source port -> 0
+        return echo(data, addr, transport)
+
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for qid, c in enumerate(clients, start=1):
+            c.bind(("127.0.0.1", 0))
+            c.settimeout(0.5)
+            c.sendto(query(qid), ("127.0.0.1", port))  # queued before anything reads
+
+        async def run() -> None:
+            nonlocal batch
+            batch = udpbatch.BatchUdp(udp, spoiled)
+            batch.start(asyncio.get_running_loop())
+            try:
+                got = await asyncio.to_thread(clients[1].recv, 2048)
+                assert struct.unpack("!H", got[:2])[0] == 2
+                with pytest.raises(TimeoutError):
+                    await asyncio.to_thread(clients[0].recv, 2048)
+                assert batch.send_dropped == 1
+            finally:
+                batch.close()
+
+        asyncio.run(run())
+    finally:
+        for c in clients:
+            c.close()
