@@ -59,7 +59,7 @@ _COUNTS = struct.Struct("!HHHH")
 _OPT_HEAD = struct.Struct("!BHHIH")  # root owner, TYPE, CLASS (payload), TTL, RDLENGTH
 
 MAX_PLANS = 100_000  # questions with a plan; the table is emptied when full
-MAX_BODIES = 4096  # geo bodies per plan (per location and client prefix)
+MAX_BODIES = 4096  # distinct rendered geo answers per plan
 MAX_CLIENTS = 65536  # cached OPT records and source addresses
 
 
@@ -141,8 +141,9 @@ class _Plan:
     generation: int = -1
     cidr: bool = False  # the pool has CIDR rules: decisions are per client address
     bodies: dict[tuple[int, object], _Body] = field(default_factory=dict)
-    # id(decision) -> (decision, its body): clients with the same decision share one
-    rendered: dict[int, tuple[object, _Body]] = field(default_factory=dict)
+    # (sites, addresses, TTL cap, scope, capacity keys) -> the body: clients with equal
+    # decisions share one
+    rendered: dict[tuple[object, ...], _Body] = field(default_factory=dict)
 
 
 # an OPT record the fast path does not answer (malformed, cookies, NSID, ...)
@@ -167,6 +168,7 @@ class FastPath:
         self.handler = handler
         self.catalog = handler.holder.view.catalog
         self.plans: dict[bytes, _Plan] = {}
+        self.seen: set[bytes] = set()  # questions learned once (see _admit)
         self.stamp = self.catalog.zone_changes
         self.opts: dict[bytes, _Opt] = {}  # _REJECT: the full path answers
         self.sources: dict[str, _Client] = {}
@@ -433,6 +435,8 @@ class FastPath:
         plan = self.plans.get(key)
         if plan is not None and plan.zone is not zone:
             plan = None
+        if plan is None and not self._admit(key):
+            return  # asked once so far: a random-subdomain flood renders nothing
         if geo_calls == 0:
             # no geo name was reached: the same reply for everyone
             if plan is None:
@@ -470,15 +474,22 @@ class FastPath:
             plan, state, h.geo_generation
         ):
             return
-        rendered = plan.rendered.get(id(decision))
-        if rendered is not None and rendered[0] is decision:
-            body = rendered[1]
-        else:
+        # what the body depends on besides the plan's zone and geo state: clients with
+        # equal decisions (most of them) share one body, rendered once
+        rkey = (
+            decision.sites,
+            decision.addresses,
+            decision.ttl_cap_s,
+            decision.scope,
+            located.offered,
+        )
+        body = plan.rendered.get(rkey)
+        if body is None:
             version = state.pool_versions.get(geo.pool, 0)
             body = self._render(q, ans, ((geo.pool, version),), located.offered)
             if len(plan.rendered) >= MAX_BODIES:
                 plan.rendered.clear()
-            plan.rendered[id(decision)] = (decision, body)
+            plan.rendered[rkey] = body
         client = located.client
         bkey = (
             self.loc_id(located.location),
@@ -487,6 +498,16 @@ class FastPath:
         if len(plan.bodies) >= MAX_CLIENTS:
             plan.bodies.clear()
         plan.bodies[bkey] = body
+
+    def _admit(self, key: bytes) -> bool:
+        """True the second time a question is learned (a doorkeeper, as in TinyLFU):
+        rendering costs a few µs, and a question asked only once never pays it back."""
+        if key in self.seen:
+            return True
+        if len(self.seen) >= MAX_PLANS:
+            self.seen.clear()
+        self.seen.add(key)
+        return False
 
     def _store(self, key: bytes, plan: _Plan) -> None:
         if len(self.plans) >= MAX_PLANS:
