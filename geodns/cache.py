@@ -118,17 +118,9 @@ class PacketCache:
                         return limited or None
                 self.hits += 1
                 stats = self.handler.stats
-                key_s = hit_info.stats_key
-                stats.queries[key_s] = stats.queries.get(key_s, 0) + 1
                 if hit_info.ecs:
                     stats.ecs_queries += 1
-                by_site = stats.answers_by_site
-                for site in hit_info.sites:
-                    by_site[site] = by_site.get(site, 0) + 1
-                if hit_info.offered:
-                    offered = stats.pool_offered
-                    for k in hit_info.offered:
-                        offered[k] = offered.get(k, 0) + 1
+                stats.answered(hit_info.stats_key, hit_info.sites, hit_info.offered)
                 return data[:2] + tail
         self.misses += 1
         reply, info = self.handler.process(data, addr, transport, turn)

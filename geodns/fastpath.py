@@ -274,16 +274,7 @@ class FastPath:
             if act:
                 return self._limited(data, act, cookie), None
         stats_key = body.stats_udp if udp else body.stats_tcp
-        queries = stats.queries
-        queries[stats_key] = queries.get(stats_key, 0) + 1
-        if body.sites:
-            by_site = stats.answers_by_site
-            for site in body.sites:
-                by_site[site] = by_site.get(site, 0) + 1
-            if body.offered:
-                pool_offered = stats.pool_offered
-                for k in body.offered:
-                    pool_offered[k] = pool_offered.get(k, 0) + 1
+        stats.answered(stats_key, body.sites, body.offered)
         self.hits += 1
         if not want_info or (opt is not None and opt.cookie is not None):
             return reply, None  # a server cookie is per client and per time: not reusable

@@ -100,6 +100,25 @@ class Stats:
         key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
         self.queries[key] = self.queries.get(key, 0) + 1
 
+    def answered(
+        self,
+        key: tuple[str, int, str],
+        sites: tuple[str, ...],
+        offered: tuple[tuple[str, str], ...],
+    ) -> None:
+        """One reply replayed (packet cache, fast path): its query counter, the sites it
+        answered with and the capacity windows it counts toward."""
+        queries = self.queries
+        queries[key] = queries.get(key, 0) + 1
+        if sites:
+            by_site = self.answers_by_site
+            for site in sites:
+                by_site[site] = by_site.get(site, 0) + 1
+            if offered:
+                pool_offered = self.pool_offered
+                for k in offered:
+                    pool_offered[k] = pool_offered.get(k, 0) + 1
+
 
 @dataclass(slots=True)
 class CacheInfo:
