@@ -27,7 +27,7 @@ from .policytests import country_locations, make_validator
 from .reload import ZoneReloader, ZoneStatus
 from .rrl import FD_ENV, SharedTable
 from .rrl import from_config as rrl_from_config
-from .server import DnsServer, TcpLimits, bind_sockets
+from .server import DnsServer, HandleFn, TcpLimits, bind_sockets, logging_handler
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
 from .workers import WorkerPool, worker_stats_loop, worker_stdin_loop
@@ -99,6 +99,14 @@ class App:
         )
         self.config_error: list[str] | None = None
         self._geoip_task: asyncio.Task[None] | None = None
+
+    def _dns_server(self, limits: TcpLimits) -> DnsServer:
+        """The DNS listeners' query function: packet cache, else the handler; logged per
+        query with `[server] query_log`."""
+        handle: HandleFn = self.cache.handle if self.cache else self.handler.handle
+        if self.config.server.query_log:
+            handle = logging_handler(handle)
+        return DnsServer(handle, limits, udp_batch=self.config.server.udp_batch)
 
     def _make_handler(self) -> Handler:
         cfg = self.config
@@ -207,11 +215,7 @@ class App:
         self.health.counters = lambda: self.stats.pool_offered
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
-        self.dns = DnsServer(
-            self.cache.handle if self.cache else self.handler.handle,
-            limits,
-            udp_batch=self.config.server.udp_batch,
-        )
+        self.dns = self._dns_server(limits)
         await self.dns.start(sockets)
         report = await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
@@ -247,11 +251,7 @@ class App:
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
             asyncio.create_task(worker_stats_loop(self.stats)),
         ]
-        self.dns = DnsServer(
-            self.cache.handle if self.cache else self.handler.handle,
-            limits,
-            udp_batch=self.config.server.udp_batch,
-        )
+        self.dns = self._dns_server(limits)
         await self.dns.start(sockets)
         await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()

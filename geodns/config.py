@@ -66,7 +66,11 @@ class ServerConfig:
     )
     user: str = _doc("when started as root: bind, then run as this user; empty = stay", "")
     log_level: str = _doc("debug | info | warning | error", "info")
-    query_log: bool = _doc("log every query (costly; off in production)", False)
+    query_log: bool = _doc(
+        "log every query on the geodns.query logger (INFO): transport, client, question, "
+        "rcode, size; costly, for debugging",
+        False,
+    )
     node_id: str = _doc("this node's name in the store and votes; default: the hostname", "")
     packet_cache: bool = _doc("answer repeated questions from a cache of reply bytes", True)
     fast_path: bool = _doc(

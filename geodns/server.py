@@ -73,6 +73,65 @@ def _safe(handle: HandleFn, data: bytes, addr: tuple[str, int], tr: Transport) -
 
 _UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
 
+query_log = logging.getLogger("geodns.query")
+_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+_TYPES = {
+    1: "A",
+    2: "NS",
+    5: "CNAME",
+    6: "SOA",
+    12: "PTR",
+    15: "MX",
+    16: "TXT",
+    28: "AAAA",
+    33: "SRV",
+    41: "OPT",
+    43: "DS",
+    65: "HTTPS",
+    252: "AXFR",
+    255: "ANY",
+    257: "CAA",
+}
+
+
+def _question_text(data: bytes) -> str:
+    """'name TYPE' of a query's first question, as far as it can be read ('-' if not)."""
+    labels: list[str] = []
+    pos = 12
+    if len(data) < 12 or data[4:6] == b"\x00\x00":
+        return "-"
+    while pos < len(data) and data[pos] and len(labels) < 128:
+        n = data[pos]
+        if n & 0xC0 or pos + 1 + n > len(data):
+            return "-"
+        labels.append(data[pos + 1 : pos + 1 + n].decode("ascii", "backslashreplace"))
+        pos += 1 + n
+    if pos + 3 > len(data):
+        return "-"
+    qtype = int.from_bytes(data[pos + 1 : pos + 3], "big")
+    return (".".join(labels) + ".") + " " + _TYPES.get(qtype, f"TYPE{qtype}")
+
+
+def logging_handler(handle: HandleFn) -> HandleFn:
+    """`[server] query_log`: one line per query on the `geodns.query` logger (INFO):
+    transport, client, question, rcode and reply size, or "dropped" when nothing was
+    sent (RRL, a response, junk). Costs a log record per query: for debugging."""
+
+    def logged(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        reply = handle(data, addr, transport)
+        if reply is None or len(reply) < 4:
+            outcome = "dropped"
+        else:
+            rcode = reply[3] & 0x0F
+            outcome = _RCODES[rcode] if rcode < len(_RCODES) else f"RCODE{rcode}"
+            outcome += f"{' TC' if reply[2] & 0x02 else ''} {len(reply)}B"
+        query_log.info(
+            "%s %s#%d %s %s", transport.value, addr[0], addr[1], _question_text(data), outcome
+        )
+        return reply
+
+    return logged
+
 
 class UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, handle: HandleFn) -> None:
