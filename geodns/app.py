@@ -106,7 +106,13 @@ class App:
         handle: HandleFn = self.cache.handle if self.cache else self.handler.handle
         if self.config.server.query_log:
             handle = logging_handler(handle)
-        return DnsServer(handle, limits, udp_batch=self.config.server.udp_batch)
+
+        def send_dropped(n: int) -> None:
+            self.stats.udp_send_dropped += n
+
+        return DnsServer(
+            handle, limits, udp_batch=self.config.server.udp_batch, on_send_dropped=send_dropped
+        )
 
     def _make_handler(self) -> Handler:
         cfg = self.config

@@ -89,6 +89,8 @@ class Stats:
     truncated: int = 0
     formerr: int = 0
     dropped: int = 0
+    # UDP replies the kernel would not take (send buffer full, or the address refused)
+    udp_send_dropped: int = 0
     # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
     # limiter's own list when there is one
     rrl: list[int] = field(default_factory=lambda: [0, 0, 0, 0])

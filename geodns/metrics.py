@@ -87,6 +87,11 @@ class GeoDNSCollector(Collector):
         yield CounterMetricFamily(
             "geodns_dns_dropped", "Packets dropped without a reply (unparseable)", stats.dropped
         )
+        yield CounterMetricFamily(
+            "geodns_udp_send_dropped",
+            "UDP replies the kernel would not take (send buffer full, address refused)",
+            stats.udp_send_dropped,
+        )
         rrl = CounterMetricFamily(
             "geodns_rrl_responses",
             "UDP responses by response rate limiting decision: pass (sent), drop (not "

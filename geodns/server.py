@@ -331,9 +331,14 @@ class DnsServer:
     """All listeners of one process."""
 
     def __init__(
-        self, handle: HandleFn, limits: TcpLimits | None = None, udp_batch: bool = True
+        self,
+        handle: HandleFn,
+        limits: TcpLimits | None = None,
+        udp_batch: bool = True,
+        on_send_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.handle = handle
+        self.on_send_dropped = on_send_dropped  # UDP replies the kernel would not take
         self.tcp_state = TcpServerState(limits or TcpLimits())
         # recvmmsg/sendmmsg where the platform has them (udpbatch.py), else asyncio's
         # datagram transport
@@ -346,7 +351,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for udp, tcp in sockets:
             if self.udp_batch:
-                batch = udpbatch.BatchUdp(udp, self.handle)
+                batch = udpbatch.BatchUdp(udp, self.handle, self.on_send_dropped)
                 batch.start(loop)
                 self.udp_transports.append(batch)
             else:

@@ -124,7 +124,12 @@ def _address(name: bytes, family: int) -> tuple[str, int]:
 class BatchUdp:
     """One UDP socket served with recvmmsg/sendmmsg from the event loop's reader."""
 
-    def __init__(self, sock: socket.socket, handle: HandleFn) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        handle: HandleFn,
+        on_send_dropped: Callable[[int], None] | None = None,
+    ) -> None:
         libc = _load()
         if libc is None:
             raise OSError("recvmmsg/sendmmsg are not available")
@@ -138,6 +143,7 @@ class BatchUdp:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.addrs: dict[bytes, tuple[str, int]] = {}
         self.send_dropped = 0  # replies the kernel would not take (send buffer full)
+        self.on_send_dropped = on_send_dropped  # told each time (the server's statistics)
         n = BATCH
         # receive side: n slots of SLOT bytes, n sockaddr slots, n iovecs, n headers
         self._rbuf = bytearray(n * SLOT)
@@ -268,9 +274,14 @@ class BatchUdp:
             if k < 0 and err not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 # one reply the kernel refuses (e.g. an unroutable source): skip it
                 log.debug("sendmmsg: %s", errno.errorcode.get(err, err))
-                self.send_dropped += 1
+                self._dropped(1)
                 sent += 1
                 continue
             # the send buffer is full: UDP may drop, and the client will ask again
-            self.send_dropped += out - sent
+            self._dropped(out - sent)
             return
+
+    def _dropped(self, n: int) -> None:
+        self.send_dropped += n
+        if self.on_send_dropped is not None:
+            self.on_send_dropped(n)

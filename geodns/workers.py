@@ -111,6 +111,7 @@ def encode_stats(stats: Stats) -> bytes:
         "truncated": stats.truncated,
         "formerr": stats.formerr,
         "dropped": stats.dropped,
+        "udp_send_dropped": stats.udp_send_dropped,
         "rrl": stats.rrl,
         "pool_offered": [[*k, v] for k, v in stats.pool_offered.items()],
     }
@@ -121,7 +122,7 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
     """Replace `into`'s counters with the sum of the workers' reports."""
     queries: dict[tuple[str, int, str], int] = {}
     by_site: dict[str, int] = {}
-    totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0}
+    totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0, "udp_send_dropped": 0}
     rrl = [0, 0, 0, 0]
     pool_offered: dict[tuple[str, str], int] = {}
     for p in parts:
@@ -131,7 +132,7 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
         for site, n in p["answers_by_site"].items():
             by_site[site] = by_site.get(site, 0) + int(n)
         for k in totals:
-            totals[k] += int(p[k])
+            totals[k] += int(p.get(k, 0))
         for i, n in enumerate(p.get("rrl", ())[: len(rrl)]):
             rrl[i] += int(n)
         for pool, site, n in p.get("pool_offered", ()):

@@ -700,6 +700,7 @@ def test_metrics_move_with_queries(srv: Ops) -> None:
     assert delta("geodns_dns_geo_answers_total", site="uk") == 3
     assert delta("geodns_dns_ecs_queries_total") == 3
     assert delta("geodns_dns_formerr_total") == 1
+    assert metric(t1, "geodns_udp_send_dropped_total") == 0  # every reply went out
     assert metric(t1, "geodns_site_usable", site="uk") == 1
     assert metric(t1, "geodns_zones", state="loaded") == 1
     assert metric(t1, "geodns_geoip_up") == 1

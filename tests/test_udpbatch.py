@@ -195,6 +195,7 @@ def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
     tcp.close()
     port = udp.getsockname()[1]
     batch: udpbatch.BatchUdp | None = None
+    told: list[int] = []
 
     def spoiled(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
         if data[1] == 1:
@@ -211,7 +212,7 @@ def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
 
         async def run() -> None:
             nonlocal batch
-            batch = udpbatch.BatchUdp(udp, spoiled)
+            batch = udpbatch.BatchUdp(udp, spoiled, told.append)
             batch.start(asyncio.get_running_loop())
             try:
                 got = await asyncio.to_thread(clients[1].recv, 2048)
@@ -219,6 +220,7 @@ def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
                 with pytest.raises(TimeoutError):
                     await asyncio.to_thread(clients[0].recv, 2048)
                 assert batch.send_dropped == 1
+                assert told == [1]  # the server's statistics hear of it
             finally:
                 batch.close()
 
