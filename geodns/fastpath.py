@@ -19,7 +19,8 @@ the only place that decides what an answer is. The fast path only replays it:
   answers from the zone file's record when geo has no answer) is marked `slow`.
 - **Geo.** The client is located by the ECS address, or by the packet source when the
   query has no usable ECS (RFC 7871 §7.1.2), exactly as `handler.client_address` does;
-  a special-purpose ECS address (RFC 7871 §11.3) is left to the full path. The location
+  a geo answer for a special-purpose ECS address (RFC 7871 §11.3) is left to the full
+  path, which scopes it to the special block. The location
   is cached per ECS option / source address and GeoIP generation, and a body is looked
   up by (location, client prefix) per pool health state (`GeoState` identity), i.e. by
   everything the geo decision depends on.
@@ -94,6 +95,7 @@ class _Opt:
     head: bytes  # our options after a COOKIE: NSID, then ECS up to its SCOPE octet
     tail: bytes  # the ECS ADDRESS, after SCOPE
     cookie: bytes | None = None  # the query's COOKIE option data (RFC 7873 §4)
+    special: bool = False  # the ECS address is special-purpose: no geo answer here
     by_scope: dict[int, bytes] = field(default_factory=dict)
 
     def options(self, scope: int) -> bytes:
@@ -135,7 +137,6 @@ class _Plan:
     slow: bool = False  # the full path answers this question every time
     static: _Body | None = None  # the same reply for every client
     geo: GeoName | None = None  # else: one geo decision decides the body
-    family: int = 4
     # the bodies per (id(location), client prefix or address) for `state`, `generation`
     state: GeoState | None = None
     generation: int = -1
@@ -220,6 +221,8 @@ class FastPath:
         body = plan.static
         by_source = False
         if body is None:
+            if opt is not None and opt.special:
+                return MISS
             client = opt.client if opt is not None else None
             if client is None:
                 by_source = True
@@ -398,14 +401,18 @@ class FastPath:
         if ecs is None:
             return _Opt(limit, False, False, None, fixed, nsid, b"", edns.cookie)
         client: _Client | None = None
+        special = False
         if ecs.source != 0 and ecs.ip is not None:
-            if h.is_special is not None and h.is_special(ecs.ip):
-                return None  # RFC 7871 §11.3: the full path scopes to the special block
+            # RFC 7871 §11.3: a special-purpose address says nothing of where the client
+            # is; geo answers for it are the full path's (scoped to the special block)
+            special = h.is_special is not None and h.is_special(ecs.ip)
             ip = ecs.ip
             client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
         # RFC 7871 §7.2.1: FAMILY, SOURCE PREFIX-LENGTH and ADDRESS echoed
         head = nsid + struct.pack("!HHHB", 8, 4 + len(ecs.address), ecs.family, ecs.source)
-        return _Opt(limit, True, ecs.source == 0, client, fixed, head, ecs.address, edns.cookie)
+        return _Opt(
+            limit, True, ecs.source == 0, client, fixed, head, ecs.address, edns.cookie, special
+        )
 
     # -- learning ---------------------------------------------------------------------
     def learn(self, q: Query, ans: Answer, geo_calls: int, located: Located | None) -> None:
@@ -445,7 +452,7 @@ class FastPath:
                 self._store(key, _Plan(zone, slow=True))
             return
         if plan is None or plan.geo is not geo:
-            plan = _Plan(zone, geo=geo, family=4 if q.qtype == A else 6)
+            plan = _Plan(zone, geo=geo)
             self._store(key, plan)
         h = self.handler
         decision = ans.decision
