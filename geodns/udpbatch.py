@@ -88,7 +88,8 @@ _libc: ctypes.CDLL | None = None
 
 def _load() -> ctypes.CDLL | None:
     global _libc
-    if _libc is None and sys.platform.startswith("linux"):
+    # 64-bit Linux: the typed views below write pointers and sizes as 8-octet words
+    if _libc is None and sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             # no argtypes: every argument is an int, None or a ctypes array/pointer,
@@ -102,7 +103,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True on Linux with recvmmsg/sendmmsg in the C library."""
+    """True on 64-bit Linux with recvmmsg/sendmmsg in the C library."""
     return _load() is not None
 
 
