@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from . import udpbatch
+from .handler import QTYPE_NAMES
 from .model import Transport
 
 log = logging.getLogger(__name__)
@@ -75,23 +76,6 @@ _UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the 
 
 query_log = logging.getLogger("geodns.query")
 _RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
-_TYPES = {
-    1: "A",
-    2: "NS",
-    5: "CNAME",
-    6: "SOA",
-    12: "PTR",
-    15: "MX",
-    16: "TXT",
-    28: "AAAA",
-    33: "SRV",
-    41: "OPT",
-    43: "DS",
-    65: "HTTPS",
-    252: "AXFR",
-    255: "ANY",
-    257: "CAA",
-}
 
 
 def _question_text(data: bytes) -> str:
@@ -109,7 +93,7 @@ def _question_text(data: bytes) -> str:
     if pos + 3 > len(data):
         return "-"
     qtype = int.from_bytes(data[pos + 1 : pos + 3], "big")
-    return (".".join(labels) + ".") + " " + _TYPES.get(qtype, f"TYPE{qtype}")
+    return (".".join(labels) + ".") + " " + QTYPE_NAMES.get(qtype, f"TYPE{qtype}")
 
 
 def logging_handler(handle: HandleFn) -> HandleFn:
