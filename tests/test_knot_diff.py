@@ -424,8 +424,8 @@ def raw_ask(srv: Running, wire: bytes, transport: str) -> bytes:
 
 
 def test_fast_path_same_answers_as_knot(knot: Server, no_cache: Running) -> None:
-    """Every case above asked twice of a server without a packet cache: the first time
-    the full path answers and the question is learned, the second reply is replayed
+    """Every case above asked three times of a server without a packet cache: the full
+    path answers the first two (and learns the question), the third reply is replayed
     from pre-rendered bytes (geodns/fastpath.py) and must match Knot's just the same."""
     fast = no_cache.app.handler.fast
     assert fast is not None
@@ -437,8 +437,11 @@ def test_fast_path_same_answers_as_knot(knot: Server, no_cache: Running) -> None
             continue
         q = make_query(name, rdtype, transport)
         knot_reply = knot.ask(q, transport)
-        # raw bytes: dnspython's to_wire() shuffles the records of an RRset
+        # raw bytes: dnspython's to_wire() shuffles the records of an RRset; the first
+        # asking is answered by the full path, the second renders the answer (the fast
+        # path's doorkeeper), the third is replayed when the fast path covers it
         first = raw_ask(no_cache, q.to_wire(), transport)
+        raw_ask(no_cache, q.to_wire(), transport)
         again_raw = raw_ask(no_cache, q.to_wire(), transport)
         assert again_raw == first, (name, rdtype, transport)
         again = dns.message.from_wire(again_raw)
@@ -447,8 +450,9 @@ def test_fast_path_same_answers_as_knot(knot: Server, no_cache: Running) -> None
         else:
             compare(name, rdtype, knot_reply, again)
         checked += 1
-    # most second askings came from the fast path (not: ANY over UDP, truncated replies)
-    assert fast.hits - before > checked * 0.8, (fast.hits - before, checked)
+    # most third askings came from the fast path (not: ANY, truncated replies); the
+    # later transports of a question are replayed from their first asking
+    assert fast.hits - before > checked * 0.9, (fast.hits - before, checked)
 
 
 # --------------------------------------------------------------------------- RFC checks
