@@ -108,8 +108,8 @@ class Stats:
         sites: tuple[str, ...],
         offered: tuple[tuple[str, str], ...],
     ) -> None:
-        """One reply replayed (packet cache, fast path): its query counter, the sites it
-        answered with and the capacity windows it counts toward."""
+        """One answer sent (full path, packet cache, fast path): its query counter, the
+        sites it answered with and the capacity windows it counts toward."""
         queries = self.queries
         queries[key] = queries.get(key, 0) + 1
         if sites:
@@ -325,16 +325,10 @@ class Handler:
         offered: Offered = ()
         decision = ans.decision
         if decision is not None:
-            by_site = self.stats.answers_by_site
-            for site in decision.sites:
-                by_site[site] = by_site.get(site, 0) + 1
             last = steer.last if steer is not None else None
             if decision.offered and last is not None and last[1] is decision:
                 # a pool with a capacity: account for its windows
                 offered = _offered_keys(last[0], decision)
-                pool_offered = self.stats.pool_offered
-                for k in offered:
-                    pool_offered[k] = pool_offered.get(k, 0) + 1
         if edns is not None and edns.ecs is not None:
             # RFC 7871 §7.2.1: echo FAMILY, SOURCE and ADDRESS; SCOPE is ours.
             scope = ans.scope if steer is not None and ans.decision is not None else 0
@@ -344,7 +338,9 @@ class Handler:
                 scope = 0  # RFC 7871 §7.1.2: the resolver opted out; scope stays 0
             options.append((OPT_ECS, encode_ecs(edns.ecs, scope)))
         reply = self._encode(q, ans, edns, options, limit)
-        self.stats.count(q.qtype, ans.rcode, transport)
+        stats_key = (QTYPE_NAMES.get(q.qtype, "OTHER"), ans.rcode, transport.value)
+        sites = decision.sites if decision is not None else ()
+        self.stats.answered(stats_key, sites, offered)
         if self.fast is not None:
             self._learn(q, ans, steer, offered)
         if edns is not None and edns.cookie is not None:
@@ -356,8 +352,8 @@ class Handler:
             pools=tuple(steer.pools_used.items()) if steer is not None else (),
             by_source=steer is not None and steer.used and steer.by_source,
             scope=ans.decision.scope if ans.decision is not None else 0,
-            stats_key=(QTYPE_NAMES.get(q.qtype, "OTHER"), ans.rcode, transport.value),
-            sites=ans.decision.sites if ans.decision is not None else (),
+            stats_key=stats_key,
+            sites=sites,
             ecs=edns is not None and edns.ecs is not None,
             geo_generation=self.geo_generation,
             rrl_kind=rrl_kind,
