@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import FormError
-from .model import IPAddress, Location
+from .model import IPAddress, Location, client_prefix
 from .rrl import Action, response_kind
 from .view import GeoState
 from .wire import _parse_opt
@@ -361,7 +361,7 @@ class FastPath:
         ip: IPAddress = ipaddress.ip_address(host.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
-        client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
+        client = _Client(ip, client_prefix(ip))
         if len(self.sources) >= MAX_CLIENTS:
             self.sources.clear()
         self.sources[host] = client
@@ -407,7 +407,7 @@ class FastPath:
             # is; geo answers for it are the full path's (scoped to the special block)
             special = h.is_special is not None and h.is_special(ecs.ip)
             ip = ecs.ip
-            client = _Client(ip, ip.packed[: 3 if ip.version == 4 else 7])
+            client = _Client(ip, client_prefix(ip))
         # RFC 7871 §7.2.1: FAMILY, SOURCE PREFIX-LENGTH and ADDRESS echoed
         head = nsid + struct.pack("!HHHB", 8, 4 + len(ecs.address), ecs.family, ecs.source)
         return _Opt(
@@ -429,7 +429,8 @@ class FastPath:
             self.stamp = catalog.zone_changes
         if catalog.zones.get(zone.origin) is not zone:
             return  # replaced while this query was answered
-        key = q.qname.lower() + q.question[len(q.qname) :]
+        qname = q.qname.lower()
+        key = qname + q.question[len(q.qname) :]
         plan = self.plans.get(key)
         if plan is not None and plan.zone is not zone:
             plan = None
@@ -440,7 +441,7 @@ class FastPath:
             if plan is None:
                 self._store(key, _Plan(zone, static=self._render(q, ans, ())))
             return
-        geo = zone.geo.get(q.qname.lower()) if zone.geo else None
+        geo = zone.geo.get(qname) if zone.geo else None
         if (
             geo is None
             or q.qtype not in (A, AAAA)
@@ -491,7 +492,7 @@ class FastPath:
         client = located.client
         bkey = (
             self.loc_id(located.location),
-            client if plan.cidr else client.packed[: 3 if client.version == 4 else 7],
+            client if plan.cidr else client_prefix(client),
         )
         if len(plan.bodies) >= MAX_CLIENTS:
             plan.bodies.clear()

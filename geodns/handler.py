@@ -26,6 +26,7 @@ from .model import (
     Pool,
     SiteState,
     Transport,
+    client_prefix,
 )
 from .resolver import Answer, resolve
 from .rrl import Action, RateLimiter, response_kind
@@ -635,7 +636,7 @@ class _Steer:
         client_key: object = (
             client
             if pool.rules and any(r.kind == "cidr" for r in pool.rules)
-            else client.packed[: 3 if client.version == 4 else 7]
+            else client_prefix(client)
         )
         key = (
             view.version,

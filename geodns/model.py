@@ -12,9 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 # the "family" of a geo decision answered with a per-site CNAME (4 and 6 are A and AAAA)
 CNAME_FAMILY = 0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_prefix(ip: IPAddress) -> bytes:
+    """The client's /24 (IPv4) or /56 (IPv6), packed: what geo decisions are kept per
+    (the weights' hash covers no more; pools with CIDR rules key by the address)."""
+    return ip.packed[: 3 if ip.version == 4 else 7]
 
 
 class Health(enum.Enum):
