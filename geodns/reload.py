@@ -706,7 +706,7 @@ class ZoneReloader:
             async for changes in watchfiles.awatch(
                 self.directory,
                 debounce=50,
-                step=20,
+                step=100,  # ms: how often the watch thread wakes (and takes the GIL) when idle
                 recursive=True,
                 watch_filter=lambda _c, p: p.endswith((ZONE_SUFFIX, GEO_SUFFIX)),
             ):

@@ -10,7 +10,7 @@ The DNS path never reads a clock, the DB or a file: it reads `holder.view`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from .model import Pool, PoolBalance, Site, SiteState
@@ -105,9 +105,14 @@ class ViewHolder:
     def __init__(self, view: View) -> None:
         self.view = view
         self.generation = 0
+        # called (in the publishing thread, after the swap) on every new geo state: how
+        # --workers hears of health changes without polling (workers.py)
+        self.geo_listeners: list[Callable[[], None]] = []
 
     def publish_geo(self, geo: GeoState) -> None:
         """Replace the geo state (sites, pools, health) in one assignment."""
         self.generation += 1
         self.view = View(self.view.catalog, geo)
         self.view.catalog.changes += 1
+        for listener in self.geo_listeners:
+            listener()

@@ -30,6 +30,7 @@ from .view import GeoState, ViewHolder
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0
+COALESCE_S = 0.02  # health publishes closer together than this reach workers as one line
 
 
 def encode_states(geo: GeoState) -> bytes:
@@ -184,6 +185,7 @@ class WorkerPool:
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
         self._last_geo: GeoState | None = None
+        self._geo_changed = asyncio.Event()
         self.on_ready: Callable[[], None] | None = None
 
     def _cmd(self) -> list[str]:
@@ -197,6 +199,7 @@ class WorkerPool:
         for w in self.workers:
             await self._spawn(w)
         await asyncio.wait_for(self.ready.wait(), 120)
+        self.holder.geo_listeners.append(self._geo_changed.set)
         self._watch = asyncio.create_task(self._follow_health())
 
     async def _spawn(self, w: _Worker) -> None:
@@ -243,7 +246,10 @@ class WorkerPool:
             await self._spawn(w)
 
     async def _follow_health(self) -> None:
-        """Push every newly published GeoState to all workers."""
+        """Push every newly published GeoState to all workers.
+
+        Woken by the holder's listener, not by polling (an idle server does not wake
+        up); a burst of publishes within COALESCE_S goes out as its last state."""
         while True:
             geo = self.holder.view.geo
             if geo is not self._last_geo:
@@ -251,10 +257,14 @@ class WorkerPool:
                 line = encode_states(geo)
                 for w in self.workers:
                     self._send(w, line)
-            await asyncio.sleep(0.02)
+                await asyncio.sleep(COALESCE_S)
+            await self._geo_changed.wait()
+            self._geo_changed.clear()
 
     async def stop(self) -> None:
         self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.holder.geo_listeners.remove(self._geo_changed.set)
         if self._watch is not None:
             self._watch.cancel()
         for w in self.workers:

@@ -56,3 +56,45 @@ def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
             sum(c for *_, c in w.last_stats.get("queries", [])) for w in s.app.pool.workers
         ]
         assert all(n > 0 for n in per_worker), per_worker
+
+
+def test_a_burst_of_health_changes_reaches_every_worker_as_its_last_state(
+    tmp_path: Path,
+) -> None:
+    """The main process pushes health when it is published (no polling): drain, undrain
+    and drain again within one coalescing window, and every worker ends on the last."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "example.com.zone").write_text(ZONE)
+    (zones / "example.com.geo.toml").write_text(GEO)
+    cfg = load_config(write_config(tmp_path, SITES))
+    with run_server(cfg, workers=2) as s:
+        assert s.app.pool is not None
+        assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
+
+        async def burst() -> None:
+            health = s.app.health
+            await health.set_override("uk", Override.DOWN, "one", "test", None)
+            await health.clear_override("uk", "test", "two")
+            await health.set_override("uk", Override.DOWN, "three", "test", None)
+
+        s.call(burst())
+        wait_for(lambda: all(gb(s.host, s.port) == {"198.51.100.20"} for _ in range(50)))
+        # and back: the pool's listener is still subscribed after the burst
+        s.call(s.app.health.clear_override("uk", "test", "four"))
+        wait_for(lambda: all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(50)))
+    # stopping unsubscribes the pool from the holder
+    assert s.app.holder.geo_listeners == []
+
+
+def test_view_holder_tells_listeners_of_each_new_geo_state() -> None:
+    from geodns.view import Catalog, GeoState, View, ViewHolder
+
+    holder = ViewHolder(View(Catalog(), GeoState({}, {}, {})))
+    seen: list[GeoState] = []
+    holder.geo_listeners.append(lambda: seen.append(holder.view.geo))
+    first, second = GeoState({}, {}, {}, version=1), GeoState({}, {}, {}, version=2)
+    holder.publish_geo(first)
+    holder.publish_geo(second)
+    # called after the swap, once per publish
+    assert len(seen) == 2 and seen[0] is first and seen[1] is second
