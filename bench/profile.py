@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/profile.py            # in-process stages + live servers (~1 min)
     .venv/bin/python bench/profile.py --no-live  # only the in-process part
+    .venv/bin/python bench/profile.py --workers-only  # only part 3 (~1.5 min)
 
 Two parts, both on the data bench/run.py builds (same zone, GeoIP database, query mix,
 ECS 81.2.69.0/24, the exact bytes dnsperf sends):
@@ -18,6 +19,10 @@ ECS 81.2.69.0/24, the exact bytes dnsperf sends):
    symbols. Servers: an echo server (geodns's own DnsServer + uvloop answering one
    precomputed reply: the floor of kernel + event loop), geodns (hit path), geodns
    --no-packet-cache (full path) and gdnsd.
+3. One process vs two on the same CPU at that rate (what `--workers 2` costs where both
+   workers share one CPU): CPU per query and wakeups per query for gdnsd with 1 and 2 UDP
+   threads, the echo server as 1 and 2 SO_REUSEPORT processes, geodns --workers 1 and 2,
+   and geodns at half the rate (the rate each of two workers serves).
 
 Installs nothing; `perf` (Debian linux-perf) is optional: without it part 2 reports only
 the /proc split.
@@ -332,16 +337,20 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
 # -- part 2: live servers ----------------------------------------------------------------
 
 ECHO = """
-import asyncio, sys
+import asyncio, os, sys
 from geodns.app import install_loop_policy
 from geodns.server import DnsServer, bind_sockets
 port, tail = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+procs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 def handle(data, addr, transport):
     return data[:2] + tail
 async def main():
     server = DnsServer(handle)
-    await server.start([bind_sockets("127.0.0.1", port)])
+    await server.start([bind_sockets("127.0.0.1", port, reuse_port=procs > 1)])
     await asyncio.Event().wait()
+for _ in range(procs - 1):  # N processes on one port, as --workers N (SO_REUSEPORT)
+    if os.fork() == 0:
+        break
 install_loop_policy()
 asyncio.run(main())
 """
@@ -578,9 +587,116 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
     return rows + (calls if len(calls) > 5 else []) + tops
 
 
+def _wakeups(pids: list[int]) -> int:
+    """Voluntary context switches of every thread of pids: one per sleep (wakeup)."""
+    n = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            n += int(line.split()[1])
+    return n
+
+
+def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> list[str]:
+    """One process vs two on the same CPU, for geodns --workers and two references: the
+    echo server (no DNS work) as 1 and 2 SO_REUSEPORT processes, gdnsd with 1 and 2 UDP
+    threads; and one geodns process at half the rate (what each of two workers sees)."""
+    ns = argparse.Namespace(
+        dnsperf=shutil.which("dnsperf"),
+        clients=8,
+        outstanding=100,
+        threads=1,
+        wait_idle=args.wait_idle,
+        server_cpu=args.cpu,
+        client_cpu=args.client_cpu,
+    )
+    if ns.dnsperf is None:
+        return ["(workers part skipped: no dnsperf; `make deb-tools`)"]
+    gdnsd = shutil.which("gdnsd") or shutil.which("gdnsd", path="/usr/sbin:/usr/local/sbin")
+    queries = root / "queries.txt"
+    queries.write_text("\n".join(run.MIX) + "\n")
+    from geodns.model import Transport
+
+    app = offline_app(cfgs["base"])
+    www = run._query("www.example.com", 1, run.DEFAULT_ECS, 0)
+    tail = app.handler.handle(www, ("127.0.0.1", 1), Transport.UDP)
+    if app.locator is not None:
+        app.locator.close()
+    py, rate = sys.executable, args.rate
+    geodns = [py, "-m", "geodns", "--config", str(cfgs["base"]), "serve", "--workers"]
+    pairs: list[tuple[str, list[str], list[str]]] = [
+        ("echo, 1 vs 2 processes", [py, "-c", ECHO, "PORT", tail[2:].hex(), "1"], ["2"]),
+        ("geodns --workers 1 vs 2", [*geodns, "1"], ["2"]),
+    ]
+    if gdnsd is not None:
+        pairs.insert(0, ("gdnsd, 1 vs 2 UDP threads", [gdnsd, "THREADS1"], ["THREADS2"]))
+    rows = [
+        f"One process vs two on CPU {args.cpu} (dnsperf on CPU {args.client_cpu}) at "
+        f"{rate:,} QPS, {args.duration:g} s each; wakeups = voluntary context switches of "
+        "all the server's threads per answered query:",
+        "",
+        "| server | 1: CPU µs/query | wakeups/query | 2: CPU µs/query | wakeups/query | 2 vs 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    half = ""
+    mmdb = root / "bench.mmdb"
+
+    def measure(name: str, argv: list[str], at: int) -> tuple[float, float]:
+        port = run.free_port()
+        if argv[0] == gdnsd:
+            d = run.write_gdnsd(root / f"gw{port}", port, mmdb)
+            conf = d / "config"
+            conf.write_text(
+                conf.read_text().replace("udp_threads => 1", f"udp_threads => {argv[1][-1]}")
+            )
+            argv = [gdnsd, "-c", str(d), "start"]
+        elif "geodns" in argv:
+            argv = [*argv, "--listen", f"127.0.0.1:{port}"]
+        else:
+            argv = [a.replace("PORT", str(port)) for a in argv]
+        log(f"workers: {name} at {at} QPS")
+        server = run.start_server(f"wk{port}", argv, port, root, args.cpu)
+        try:
+            run.dnsperf(server, queries, run.DEFAULT_ECS, 1.0, run.CLOSED, ns)  # warm-up
+            if args.wait_idle:
+                run.wait_idle(ns)
+            server.remember_tree()
+            pids = run.process_tree(server.pid)
+            w0 = _wakeups(pids)
+            res = run.dnsperf(server, queries, run.DEFAULT_ECS, args.duration, at, ns)
+            w1 = _wakeups(pids)
+        finally:
+            server.stop()
+            run.STARTED.servers.remove(server)
+        return res.cpu_us, (w1 - w0) / max(1, res.completed)
+
+    for name, argv, second in pairs:
+        try:
+            one = measure(name + " (1)", argv, rate)
+            two = measure(name + " (2)", [*argv[:-1], *second], rate)
+            if argv[0] != gdnsd and "geodns" in argv:
+                h = measure(name + " (1, half rate)", argv, rate // 2)
+                half = (
+                    f"\ngeodns --workers 1 at {rate // 2:,} QPS (the rate each of two workers "
+                    f"serves): {h[0]:.1f} µs/query, {h[1]:.2f} wakeups/query."
+                )
+        except RuntimeError as exc:
+            rows.append(f"| {name} | failed: {str(exc).splitlines()[0]} |")
+            continue
+        rows.append(
+            f"| {name} | {one[0]:.1f} | {one[1]:.2f} | {two[0]:.1f} | {two[1]:.2f} "
+            f"| {two[0] / one[0]:.2f}x |"
+        )
+    return rows + ([half] if half else [])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--no-live", action="store_true", help="only the in-process part")
+    p.add_argument("--workers-only", action="store_true", help="only the 1-vs-2 processes part")
     p.add_argument("--reps", type=int, default=2500, help="passes over the 20-query mix")
     p.add_argument("--rate", type=int, default=40000, help="dnsperf -Q for the live part")
     p.add_argument(
@@ -619,9 +735,12 @@ def main() -> int:
             f"geodns {head}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
             f"load average {os.getloadavg()[0]:.2f}\n"
         )
-        out += part_inprocess(args, cfgs)
-        if not args.no_live:
+        if not args.workers_only:
+            out += part_inprocess(args, cfgs)
+        if not args.no_live and not args.workers_only:
             out += ["", *part_live(args, root, cfgs)]
+        if not args.no_live:
+            out += ["", *part_workers(args, root, cfgs)]
     except KeyboardInterrupt:
         log("interrupted")
         return 130
