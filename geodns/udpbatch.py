@@ -13,7 +13,8 @@ through ctypes (Linux only, no compiler needed):
   its query came from (the kernel wrote it into the receive headers; the send headers
   point at the same bytes, so no address is parsed to reply);
 - the `(host, port)` the handler sees is built once per distinct source address and
-  kept in a bounded dict keyed by the raw sockaddr;
+  kept in a bounded dict keyed by the raw sockaddr read as integers (for IPv4 its first
+  8 octets, family + port + address, are one word: no bytes object per datagram);
 - a wakeup takes at most ROUNDS batches, then returns to the event loop (TCP, the ops
   API and timers are never starved); the reader is level-triggered, so what is left
   is read on the next turn.
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 BATCH = 32  # datagrams per system call
 ROUNDS = 8  # batches per wakeup before yielding to the event loop
 SLOT = 65536  # receive slot per datagram: the largest UDP payload
-NAME = 28  # sizeof(struct sockaddr_in6) >= sizeof(struct sockaddr_in)
+NAME = 32  # a sockaddr slot: sizeof(struct sockaddr_in6) = 28, rounded up to 8-octet words
 MSG_DONTWAIT = 0x40
 MAX_ADDRS = 65536
 
@@ -139,10 +140,11 @@ class BatchUdp:
         self.fd = sock.fileno()
         self.family = sock.family
         # the kernel writes this sockaddr length into every receive header
-        self.namelen = 16 if sock.family == socket.AF_INET else NAME
+        self.namelen = 16 if sock.family == socket.AF_INET else 28  # sockaddr_in(6)
         self.handle = handle
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.addrs: dict[bytes, tuple[str, int]] = {}
+        # source sockaddr (as words) -> (host, port) for the handler
+        self.addrs: dict[int | tuple[int, ...], tuple[str, int]] = {}
         self.send_dropped = 0  # replies the kernel would not take (send buffer full)
         self.on_send_dropped = on_send_dropped  # told each time (the server's statistics)
         n = BATCH
@@ -187,6 +189,13 @@ class BatchUdp:
         self._s64 = memoryview(self._smsgs).cast("B").cast("Q")
         self._siov64 = memoryview(self._siov).cast("B").cast("Q")
         self._smsgs_p = ctypes.addressof(self._smsgs)
+        self._n64 = self._nview.cast("Q")
+        # per slot, precomputed: where datagram i starts in the receive buffer, where its
+        # length is in the headers' words, where reply j goes and where its length goes
+        self._rstart = [i * SLOT for i in range(n)]
+        self._rlen = [i * _MSG_WORDS + _LEN_WORD for i in range(n)]
+        self._sstart = [j * SLOT for j in range(n)]
+        self._slen = [j * _IOV_WORDS + _IOVLEN_WORD for j in range(n)]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -218,23 +227,28 @@ class BatchUdp:
                 return
 
     def _answer(self, n: int) -> None:
-        r32, s64, siov64 = self._r32, self._s64, self._siov64
-        rview, nview, sview = self._rview, self._nview, self._sview
+        r32, n64, s64, siov64 = self._r32, self._n64, self._s64, self._siov64
+        rview, sview = self._rview, self._sview
+        rstart, rlen, sstart, slen = self._rstart, self._rlen, self._sstart, self._slen
         addrs, handle, names = self.addrs, self.handle, self._name_ptrs
-        namelen = self.namelen
+        v4 = self.family == socket.AF_INET
         udp = _UDP
         out = 0
         moved = False
         for i in range(n):
-            off = i * SLOT
+            at = rstart[i]
             # SLOT is more than the largest UDP payload: a datagram is never cut short
-            data = bytes(rview[off : off + r32[i * _MSG_WORDS + _LEN_WORD]])
-            raw = bytes(nview[i * NAME : i * NAME + namelen])
-            addr = addrs.get(raw)
+            data = rview[at : at + r32[rlen[i]]].tobytes()
+            w = i * 4  # NAME / 8 words per sockaddr slot
+            # IPv4: family, port and address are the slot's first word; IPv6: all four
+            key = n64[w] if v4 else (n64[w], n64[w + 1], n64[w + 2], n64[w + 3])
+            addr = addrs.get(key)
             if addr is None:
                 if len(addrs) >= MAX_ADDRS:
                     addrs.clear()
-                addr = addrs[raw] = _address(raw, self.family)
+                addr = addrs[key] = _address(
+                    self._nview[i * NAME : i * NAME + self.namelen].tobytes(), self.family
+                )
             try:
                 reply = handle(data, addr, udp)
             except Exception as exc:
@@ -246,9 +260,9 @@ class BatchUdp:
             size = len(reply)
             if size > SLOT:
                 continue  # cannot happen: a UDP reply is at most the UDP limit
-            so = out * SLOT
-            sview[so : so + size] = reply
-            siov64[out * _IOV_WORDS + _IOVLEN_WORD] = size
+            at = sstart[out]
+            sview[at : at + size] = reply
+            siov64[slen[out]] = size
             if out != i:
                 # an earlier query got no reply: this reply goes to query i's source
                 s64[out * _MSG_QWORDS + _NAME_QWORD] = names[i]

@@ -76,6 +76,8 @@ def test_every_query_of_a_burst_is_answered_at_its_source(host: str) -> None:
             ids = sorted(struct.unpack("!H", r[:2])[0] % 1000 for r in replies)
             assert ids == list(range(40))
         assert batch.send_dropped == 0
+        # the (host, port) memo has one entry per client socket, not per datagram
+        assert sorted(batch.addrs.values()) == sorted((host, p) for p in got)
 
     asyncio.run(run())
 
