@@ -32,12 +32,13 @@ import ipaddress
 from dataclasses import dataclass
 
 from .balance import MAX_ROTATIONS
-from .handler import CacheInfo, Handler
+from .handler import CacheInfo, Handler, Stats
 from .model import Transport
 
 _UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
 SOURCE_PREFIX_V4 = 24
 SOURCE_PREFIX_V6 = 56
+MAX_PENDING = Stats.MAX_PENDING
 
 
 @dataclass(slots=True)
@@ -70,8 +71,13 @@ class PacketCache:
         self.max_entries = max_entries
         self.udp: dict[bytes, _Entry] = {}
         self.tcp: dict[bytes, _Entry] = {}
-        self.hits = 0
         self.misses = 0
+        self.pending = handler.stats.pending  # the same list object for its lifetime
+
+    @property
+    def hits(self) -> int:
+        """Answers served from the cache (counted per entry, folded when read)."""
+        return self.handler.stats.cache_hits
 
     def _valid(self, info: CacheInfo) -> bool:
         h = self.handler
@@ -116,11 +122,14 @@ class PacketCache:
                     limited = self.handler.rate_limit(data, addr, entry.info.rrl_kind)
                     if limited is not None:
                         return limited or None
-                self.hits += 1
-                stats = self.handler.stats
-                if hit_info.ecs:
-                    stats.ecs_queries += 1
-                stats.answered(hit_info.stats_key, hit_info.sites, hit_info.offered)
+                # counted on the entry, folded into the statistics when they are read
+                n = hit_info.hits
+                hit_info.hits = n + 1  # before a fold below, which must see this hit
+                if not n:
+                    pending = self.pending
+                    pending.append(hit_info)
+                    if len(pending) >= MAX_PENDING:
+                        self.handler.stats.fold()
                 return data[:2] + tail
         self.misses += 1
         reply, info = self.handler.process(data, addr, transport, turn)

@@ -269,7 +269,7 @@ class FastPath:
                 return MISS  # RFC 2181 §9, RFC 6891 §7: the full path truncates
         stats = h.stats
         if opt is not None and opt.ecs:
-            stats.ecs_queries += 1
+            stats._ecs_queries += 1
         if udp and h.rrl is not None and not cookie_ok:
             # RRL charges the packet's source network for this kind of reply, like the
             # full path (handler.py `_answer`); not a client with a valid server cookie

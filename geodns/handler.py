@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .cookies import CookieJar
 from .fastpath import MISS, FastPath, Located
@@ -80,28 +80,110 @@ QTYPE_NAMES = {
 }
 
 
-@dataclass
 class Stats:
-    """Plain counters bumped on the query path; /metrics reads them at scrape time."""
+    """Plain counters bumped on the query path; /metrics reads them at scrape time.
 
-    queries: dict[tuple[str, int, str], int] = field(default_factory=dict)
-    answers_by_site: dict[str, int] = field(default_factory=dict)
-    ecs_queries: int = 0
-    truncated: int = 0
-    formerr: int = 0
-    dropped: int = 0
-    # UDP replies the kernel would not take (send buffer full, or the address refused)
-    udp_send_dropped: int = 0
-    # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
-    # limiter's own list when there is one
-    rrl: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    # capacity accounting: (pool, site) -> answers that offered the site (it answered
-    # first, or passed the client on for capacity); (pool, "") -> the pool's answers
-    pool_offered: dict[tuple[str, str], int] = field(default_factory=dict)
+    A packet-cache hit only bumps `CacheInfo.hits` of the entry it served (and puts the
+    entry on `pending` the first time): `fold()` adds those into the counters below.
+    Every reader of `queries`, `answers_by_site`, `pool_offered` and `ecs_queries` goes
+    through a property that folds first, so nothing reads a count that is behind."""
+
+    # folded when `pending` holds this many entries, so the list stays small even when
+    # nothing reads the statistics (no API, no capacity windows)
+    MAX_PENDING = 4096
+
+    def __init__(self) -> None:
+        self._queries: dict[tuple[str, int, str], int] = {}
+        self._answers_by_site: dict[str, int] = {}
+        self._ecs_queries = 0  # the hot paths bump this one directly
+        # capacity accounting: (pool, site) -> answers that offered the site (it
+        # answered first, or passed the client on for capacity); (pool, "") -> the
+        # pool's answers
+        self._pool_offered: dict[tuple[str, str], int] = {}
+        self.truncated = 0
+        self.formerr = 0
+        self.dropped = 0
+        # UDP replies the kernel would not take (send buffer full, or the address refused)
+        self.udp_send_dropped = 0
+        # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
+        # limiter's own list when there is one
+        self.rrl: list[int] = [0, 0, 0, 0]
+        # cache entries with hits not yet folded in (each at most once)
+        self.pending: list[CacheInfo] = []
+        self._cache_hits = 0  # packet-cache hits folded in so far
+
+    def fold(self) -> None:
+        """Add the packet cache's per-entry hit counts into the counters."""
+        pending = self.pending
+        if not pending:
+            return
+        infos = pending[:]
+        pending.clear()
+        queries, by_site, offered = self._queries, self._answers_by_site, self._pool_offered
+        for info in infos:
+            n = info.hits
+            if not n:
+                continue
+            info.hits = 0
+            self._cache_hits += n
+            queries[info.stats_key] = queries.get(info.stats_key, 0) + n
+            if info.ecs:
+                self._ecs_queries += n
+            for site in info.sites:
+                by_site[site] = by_site.get(site, 0) + n
+            if info.sites:
+                for k in info.offered:
+                    offered[k] = offered.get(k, 0) + n
+
+    @property
+    def cache_hits(self) -> int:
+        """Answers the packet cache served."""
+        self.fold()
+        return self._cache_hits
+
+    @property
+    def queries(self) -> dict[tuple[str, int, str], int]:
+        self.fold()
+        return self._queries
+
+    @queries.setter
+    def queries(self, value: dict[tuple[str, int, str], int]) -> None:
+        self.fold()
+        self._queries = value
+
+    @property
+    def answers_by_site(self) -> dict[str, int]:
+        self.fold()
+        return self._answers_by_site
+
+    @answers_by_site.setter
+    def answers_by_site(self, value: dict[str, int]) -> None:
+        self.fold()
+        self._answers_by_site = value
+
+    @property
+    def pool_offered(self) -> dict[tuple[str, str], int]:
+        self.fold()
+        return self._pool_offered
+
+    @pool_offered.setter
+    def pool_offered(self, value: dict[tuple[str, str], int]) -> None:
+        self.fold()
+        self._pool_offered = value
+
+    @property
+    def ecs_queries(self) -> int:
+        self.fold()
+        return self._ecs_queries
+
+    @ecs_queries.setter
+    def ecs_queries(self, value: int) -> None:
+        self.fold()
+        self._ecs_queries = value
 
     def count(self, qtype: int, rcode: int, transport: Transport) -> None:
         key = (QTYPE_NAMES.get(qtype, "OTHER"), rcode, transport.value)
-        self.queries[key] = self.queries.get(key, 0) + 1
+        self._queries[key] = self._queries.get(key, 0) + 1
 
     def answered(
         self,
@@ -109,16 +191,17 @@ class Stats:
         sites: tuple[str, ...],
         offered: tuple[tuple[str, str], ...],
     ) -> None:
-        """One answer sent (full path, packet cache, fast path): its query counter, the
-        sites it answered with and the capacity windows it counts toward."""
-        queries = self.queries
+        """One answer sent (full path, fast path): its query counter, the sites it
+        answered with and the capacity windows it counts toward. (A packet-cache hit
+        counts on its entry instead: `fold`.)"""
+        queries = self._queries
         queries[key] = queries.get(key, 0) + 1
         if sites:
-            by_site = self.answers_by_site
+            by_site = self._answers_by_site
             for site in sites:
                 by_site[site] = by_site.get(site, 0) + 1
             if offered:
-                pool_offered = self.pool_offered
+                pool_offered = self._pool_offered
                 for k in offered:
                     pool_offered[k] = pool_offered.get(k, 0) + 1
 
@@ -142,6 +225,7 @@ class CacheInfo:
     # shuffled answers: the reply is ordering `turn % rotations` (1: one ordering)
     rotations: int = 1
     turn: int = 0
+    hits: int = 0  # packet-cache hits served with this, not yet in Stats (Stats.fold)
 
 
 _UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
@@ -274,7 +358,7 @@ class Handler:
                 # RFC 6891 §6.1.3: BADVERS, with an OPT of the highest version we do (0)
                 return self._simple(q, BADVERS, edns, [], transport), None
             if edns.ecs is not None:
-                self.stats.ecs_queries += 1
+                self.stats._ecs_queries += 1
             if edns.cookie is not None:
                 cookie_ok, cookie_opt = self._cookie(edns.cookie, addr)
                 options.append((OPT_COOKIE, cookie_opt))

@@ -200,3 +200,47 @@ def test_override_expiry_is_not_served_stale(world) -> None:  # type: ignore[no-
         await hm.stop()
 
     asyncio.run(run())
+
+
+def test_hits_are_counted_on_the_entry_and_folded_when_statistics_are_read(world) -> None:  # type: ignore[no-untyped-def]
+    """A hit bumps only its entry; every reader of the statistics sees the exact counts,
+    whichever counter it reads first, and folding twice counts nothing twice."""
+    handler, cache, _ = world
+    stats = handler.stats
+    geo_q = query("geo.example.test", ecs="212.58.224.0/24")  # ECS, a geo answer (uk)
+    www = query("www.example.test")  # static, no ECS
+    for _ in range(5):
+        cache.handle(geo_q, ("127.0.0.1", 1), UDP)
+        cache.handle(www, ("127.0.0.1", 1), UDP)
+        cache.handle(www, ("127.0.0.1", 1), TCP)
+    # 1 miss + 4 hits each: the hits wait on their entries until something reads
+    assert sum(info.hits for info in stats.pending) == 12
+    assert stats.ecs_queries == 5  # read first: folds everything
+    assert stats.pending == []
+    assert stats.queries == {("A", 0, "udp"): 10, ("A", 0, "tcp"): 5}
+    assert stats.answers_by_site == {"uk": 5}
+    assert stats.pool_offered.get(("web", "uk"), 0) == stats.pool_offered.get(("web", ""), 0)
+    assert cache.hits == 12
+    stats.fold()  # nothing left: no double count
+    assert stats.queries == {("A", 0, "udp"): 10, ("A", 0, "tcp"): 5}
+    # hits after a fold are counted again
+    cache.handle(www, ("127.0.0.1", 1), UDP)
+    assert stats.queries[("A", 0, "udp")] == 11
+    assert cache.hits == 13
+
+
+def test_unread_hits_never_pile_up(world) -> None:  # type: ignore[no-untyped-def]
+    """Nobody reads the statistics (no API, no capacity windows): the list of entries
+    with unfolded hits is folded whenever it reaches its bound."""
+    from geodns.handler import Stats
+
+    handler, cache, _ = world
+    stats = handler.stats
+    names = [query(f"n{i}.example.test") for i in range(Stats.MAX_PENDING + 300)]
+    for data in names:
+        cache.handle(data, ("127.0.0.1", 1), UDP)  # miss: NXDOMAIN, cached
+    for data in names:
+        cache.handle(data, ("127.0.0.1", 1), UDP)  # hit
+        assert len(stats.pending) < Stats.MAX_PENDING
+    assert stats.queries == {("A", 3, "udp"): 2 * len(names)}
+    assert cache.hits == len(names)
