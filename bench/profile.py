@@ -21,8 +21,8 @@ ECS 81.2.69.0/24, the exact bytes dnsperf sends):
    --no-packet-cache (full path) and gdnsd.
 3. One process vs two on the same CPU at that rate (what `--workers 2` costs where both
    workers share one CPU): CPU per query and wakeups per query for gdnsd with 1 and 2 UDP
-   threads, the echo server as 1 and 2 SO_REUSEPORT processes, geodns --workers 1 and 2,
-   and geodns at half the rate (the rate each of two workers serves).
+   threads and as 1 and 2 processes, the echo server as 1 and 2 SO_REUSEPORT processes,
+   geodns --workers 1 and 2, and geodns at half the rate (what each of two workers sees).
 
 Installs nothing; `perf` (Debian linux-perf) is optional: without it part 2 reports only
 the /proc split.
@@ -36,6 +36,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -603,7 +604,8 @@ def _wakeups(pids: list[int]) -> int:
 def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> list[str]:
     """One process vs two on the same CPU, for geodns --workers and two references: the
     echo server (no DNS work) as 1 and 2 SO_REUSEPORT processes, gdnsd with 1 and 2 UDP
-    threads; and one geodns process at half the rate (what each of two workers sees)."""
+    threads and as 1 and 2 processes; and one geodns process at half the rate (what
+    each of two workers sees)."""
     ns = argparse.Namespace(
         dnsperf=shutil.which("dnsperf"),
         clients=8,
@@ -633,6 +635,7 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
     ]
     if gdnsd is not None:
         pairs.insert(0, ("gdnsd, 1 vs 2 UDP threads", [gdnsd, "THREADS1"], ["THREADS2"]))
+        pairs.insert(1, ("gdnsd, 1 vs 2 processes", [gdnsd, "PROCS1"], ["PROCS2"]))
     rows = [
         f"One process vs two on CPU {args.cpu} (dnsperf on CPU {args.client_cpu}) at "
         f"{rate:,} QPS, {args.duration:g} s each; wakeups = voluntary context switches of "
@@ -646,7 +649,14 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
 
     def measure(name: str, argv: list[str], at: int) -> tuple[float, float]:
         port = run.free_port()
-        if argv[0] == gdnsd:
+        if argv[0] == gdnsd and argv[1].startswith("PROCS"):
+            # k gdnsd daemons (own run/state dirs) on one port: gdnsd sets SO_REUSEPORT
+            daemons = []
+            for k in range(int(argv[1][-1])):
+                d = run.write_gdnsd(root / f"gp{port}-{k}", port, mmdb)
+                daemons.append(f"{shlex.quote(gdnsd)} -c {shlex.quote(str(d))} start")
+            argv = ["sh", "-c", " & ".join(daemons) + " & wait"]
+        elif argv[0] == gdnsd:
             d = run.write_gdnsd(root / f"gw{port}", port, mmdb)
             conf = d / "config"
             conf.write_text(
