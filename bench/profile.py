@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -444,7 +445,19 @@ def perf_report(data: Path) -> tuple[dict[str, float], list[tuple[float, str, st
     return dict(groups), syms
 
 
-def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> list[str]:
+@dataclass
+class Live:
+    """What the live parts share: dnsperf's settings, gdnsd, the query file and the
+    tail of a geodns reply to `www` (the echo server's answer)."""
+
+    ns: argparse.Namespace
+    gdnsd: str | None
+    queries: Path
+    tail: bytes
+
+
+def live_setup(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> Live | None:
+    """None without dnsperf."""
     ns = argparse.Namespace(
         dnsperf=shutil.which("dnsperf"),
         clients=8,
@@ -455,8 +468,7 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
         client_cpu=args.client_cpu,
     )
     if ns.dnsperf is None:
-        return ["(live part skipped: no dnsperf; `make deb-tools`)"]
-    have_perf = shutil.which("perf") is not None
+        return None
     gdnsd = shutil.which("gdnsd") or shutil.which("gdnsd", path="/usr/sbin:/usr/local/sbin")
     queries = root / "queries.txt"
     queries.write_text("\n".join(run.MIX) + "\n")
@@ -467,6 +479,15 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
     tail = app.handler.handle(www, ("127.0.0.1", 1), Transport.UDP)
     if app.locator is not None:
         app.locator.close()
+    return Live(ns, gdnsd, queries, tail)
+
+
+def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> list[str]:
+    live = live_setup(args, root, cfgs)
+    if live is None:
+        return ["(live part skipped: no dnsperf; `make deb-tools`)"]
+    ns, gdnsd, queries, tail = live.ns, live.gdnsd, live.queries, live.tail
+    have_perf = shutil.which("perf") is not None
     py = sys.executable
     servers: list[tuple[str, list[str], int]] = [
         ("echo (DnsServer + uvloop, one fixed reply)", [py, "-c", ECHO, "PORT", tail[2:].hex()], 0),
@@ -606,27 +627,10 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
     echo server (no DNS work) as 1 and 2 SO_REUSEPORT processes, gdnsd with 1 and 2 UDP
     threads and as 1 and 2 processes; and one geodns process at half the rate (what
     each of two workers sees)."""
-    ns = argparse.Namespace(
-        dnsperf=shutil.which("dnsperf"),
-        clients=8,
-        outstanding=100,
-        threads=1,
-        wait_idle=args.wait_idle,
-        server_cpu=args.cpu,
-        client_cpu=args.client_cpu,
-    )
-    if ns.dnsperf is None:
+    live = live_setup(args, root, cfgs)
+    if live is None:
         return ["(workers part skipped: no dnsperf; `make deb-tools`)"]
-    gdnsd = shutil.which("gdnsd") or shutil.which("gdnsd", path="/usr/sbin:/usr/local/sbin")
-    queries = root / "queries.txt"
-    queries.write_text("\n".join(run.MIX) + "\n")
-    from geodns.model import Transport
-
-    app = offline_app(cfgs["base"])
-    www = run._query("www.example.com", 1, run.DEFAULT_ECS, 0)
-    tail = app.handler.handle(www, ("127.0.0.1", 1), Transport.UDP)
-    if app.locator is not None:
-        app.locator.close()
+    ns, gdnsd, queries, tail = live.ns, live.gdnsd, live.queries, live.tail
     py, rate = sys.executable, args.rate
     geodns = [py, "-m", "geodns", "--config", str(cfgs["base"]), "serve", "--workers"]
     pairs: list[tuple[str, list[str], list[str]]] = [
