@@ -8,7 +8,7 @@ import dns.edns
 import dns.message
 import dns.query
 
-from geodns.config import load_config
+from geodns.config import Config, load_config
 from geodns.model import Override
 from tests.serverutil import REPO, run_server, wait_for, write_config
 
@@ -36,12 +36,17 @@ def gb(host: str, port: int) -> set[str]:
     return {rd.address for rr in r.answer for rd in rr}
 
 
-def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
+def config_with_zones(tmp_path: Path) -> Config:
+    """The example zone with `www` steered between uk and fra, in tmp_path."""
     zones = tmp_path / "zones"
     zones.mkdir()
     (zones / "example.com.zone").write_text(ZONE)
     (zones / "example.com.geo.toml").write_text(GEO)
-    cfg = load_config(write_config(tmp_path, SITES))
+    return load_config(write_config(tmp_path, SITES))
+
+
+def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
+    cfg = config_with_zones(tmp_path)
     with run_server(cfg, workers=2) as s:
         assert s.app.pool is not None and len(s.app.pool.workers) == 2
         assert s.app.dns is None or not s.app.dns.addresses  # the main process serves no DNS
@@ -63,11 +68,7 @@ def test_a_burst_of_health_changes_reaches_every_worker_as_its_last_state(
 ) -> None:
     """The main process pushes health when it is published (no polling): drain, undrain
     and drain again within one coalescing window, and every worker ends on the last."""
-    zones = tmp_path / "zones"
-    zones.mkdir()
-    (zones / "example.com.zone").write_text(ZONE)
-    (zones / "example.com.geo.toml").write_text(GEO)
-    cfg = load_config(write_config(tmp_path, SITES))
+    cfg = config_with_zones(tmp_path)
     with run_server(cfg, workers=2) as s:
         assert s.app.pool is not None
         assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
