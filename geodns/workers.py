@@ -186,6 +186,7 @@ class WorkerPool:
         self._watch: asyncio.Task[None] | None = None
         self._last_geo: GeoState | None = None
         self._geo_changed = asyncio.Event()
+        self._on_geo: Callable[[], None] = lambda: None  # the holder listener, once started
         self.on_ready: Callable[[], None] | None = None
 
     def _cmd(self) -> list[str]:
@@ -199,7 +200,14 @@ class WorkerPool:
         for w in self.workers:
             await self._spawn(w)
         await asyncio.wait_for(self.ready.wait(), 120)
-        self.holder.geo_listeners.append(self._geo_changed.set)
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            # publish_geo may run on another thread: an asyncio.Event is set on its loop
+            loop.call_soon_threadsafe(self._geo_changed.set)
+
+        self._on_geo = changed
+        self.holder.geo_listeners.append(changed)
         self._watch = asyncio.create_task(self._follow_health())
 
     async def _spawn(self, w: _Worker) -> None:
@@ -264,7 +272,7 @@ class WorkerPool:
     async def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(ValueError):
-            self.holder.geo_listeners.remove(self._geo_changed.set)
+            self.holder.geo_listeners.remove(self._on_geo)
         if self._watch is not None:
             self._watch.cancel()
         for w in self.workers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import dns.edns
@@ -9,7 +10,8 @@ import dns.message
 import dns.query
 
 from geodns.config import Config, load_config
-from geodns.model import Override
+from geodns.model import Health, Override, SiteState
+from geodns.view import next_version
 from tests.serverutil import REPO, run_server, wait_for, write_config
 
 ZONE = (REPO / "zones" / "example.com.zone").read_text()
@@ -84,6 +86,18 @@ def test_a_burst_of_health_changes_reaches_every_worker_as_its_last_state(
         # and back: the pool's listener is still subscribed after the burst
         s.call(s.app.health.clear_override("uk", "test", "four"))
         wait_for(lambda: all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(50)))
+        # a state published from another thread than the server's loop reaches them too
+        geo = s.app.holder.view.geo
+        v = next_version()
+        s.app.holder.publish_geo(
+            replace(
+                geo,
+                states={**geo.states, "uk": SiteState(observed=Health.DOWN)},
+                version=v,
+                pool_versions={pool: v for pool in geo.pools},
+            )
+        )
+        wait_for(lambda: all(gb(s.host, s.port) == {"198.51.100.20"} for _ in range(50)))
     # stopping unsubscribes the pool from the holder
     assert s.app.holder.geo_listeners == []
 
