@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import FormError
-from .model import IPAddress, Location, client_prefix
+from .model import MAX_PENDING, IPAddress, Location, Tally, client_prefix
 from .rrl import Action, response_kind
 from .view import GeoState
 from .wire import _parse_opt
@@ -121,8 +121,9 @@ class _Body:
     head: list[bytes]
     head_opt: list[bytes]
     scope: int  # ECS SCOPE PREFIX-LENGTH of the answer
-    stats_udp: tuple[str, int, str]
-    stats_tcp: tuple[str, int, str]
+    # answers sent over UDP / TCP, counted here and folded into Stats when read
+    tally_udp: Tally
+    tally_tcp: Tally
     rrl_kind: bytes
     sites: tuple[str, ...] = ()
     offered: tuple[tuple[str, str], ...] = ()
@@ -276,12 +277,19 @@ class FastPath:
             act = h.rrl.check(addr[0], body.rrl_kind, h.clock())
             if act:
                 return self._limited(data, act, cookie), None
-        stats_key = body.stats_udp if udp else body.stats_tcp
-        stats.answered(stats_key, body.sites, body.offered)
+        # counted on the body, folded into the statistics when they are read
+        tally = body.tally_udp if udp else body.tally_tcp
+        n = tally.hits
+        tally.hits = n + 1  # before a fold below, which must see this answer
+        if not n:
+            pending = stats.pending
+            pending.append(tally)
+            if len(pending) >= MAX_PENDING:
+                stats.fold()
         self.hits += 1
         if not want_info or (opt is not None and opt.cookie is not None):
             return reply, None  # a server cookie is per client and per time: not reusable
-        return reply, self._info(plan, body, by_source, opt, stats_key, udp)
+        return reply, self._info(plan, body, by_source, opt, tally.stats_key, udp)
 
     def _limited(self, data: bytes, act: Action, cookie: bytes | None) -> bytes | None:
         if act is Action.DROP:
@@ -531,15 +539,16 @@ class FastPath:
         assert ans.zone is not None
         name = QTYPE_NAMES.get(q.qtype, "OTHER")
         decision = ans.decision
+        sites = decision.sites if decision is not None else ()
         return _Body(
             body=reply[12 + len(q.question) :],
             head=head,
             head_opt=head_opt,
             scope=ans.scope if decision is not None else 0,
-            stats_udp=(name, ans.rcode, "udp"),
-            stats_tcp=(name, ans.rcode, "tcp"),
+            tally_udp=Tally((name, ans.rcode, "udp"), sites, offered),
+            tally_tcp=Tally((name, ans.rcode, "tcp"), sites, offered),
             rrl_kind=response_kind(ans.rcode, ans.aa, q.qname.lower(), ans.zone.origin),
-            sites=decision.sites if decision is not None else (),
+            sites=sites,
             offered=offered,
             pools=pools,
         )

@@ -19,12 +19,14 @@ from .cookies import CookieJar
 from .fastpath import MISS, FastPath, Located
 from .model import (
     CNAME_FAMILY,
+    MAX_PENDING,
     Decision,
     IPAddress,
     IPNetwork,
     Location,
     Pool,
     SiteState,
+    Tally,
     Transport,
     client_prefix,
 )
@@ -83,14 +85,15 @@ QTYPE_NAMES = {
 class Stats:
     """Plain counters bumped on the query path; /metrics reads them at scrape time.
 
-    A packet-cache hit only bumps `CacheInfo.hits` of the entry it served (and puts the
-    entry on `pending` the first time): `fold()` adds those into the counters below.
+    A packet-cache hit only bumps `CacheInfo.hits` of the entry it served, a fast-path
+    answer `Tally.hits` of its rendered body (each put on `pending` the first time):
+    `fold()` adds those into the counters below.
     Every reader of `queries`, `answers_by_site`, `pool_offered` and `ecs_queries` goes
     through a property that folds first, so nothing reads a count that is behind."""
 
     # folded when `pending` holds this many entries, so the list stays small even when
     # nothing reads the statistics (no API, no capacity windows)
-    MAX_PENDING = 4096
+    MAX_PENDING = MAX_PENDING
 
     def __init__(self) -> None:
         self._queries: dict[tuple[str, int, str], int] = {}
@@ -108,8 +111,9 @@ class Stats:
         # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
         # limiter's own list when there is one
         self.rrl: list[int] = [0, 0, 0, 0]
-        # cache entries with hits not yet folded in (each at most once)
-        self.pending: list[CacheInfo] = []
+        # cache entries and fast-path bodies with answers not yet folded in (each at
+        # most once)
+        self.pending: list[CacheInfo | Tally] = []
         self._cache_hits = 0  # packet-cache hits folded in so far
 
     def fold(self) -> None:
@@ -125,7 +129,8 @@ class Stats:
             if not n:
                 continue
             info.hits = 0
-            self._cache_hits += n
+            if isinstance(info, CacheInfo):
+                self._cache_hits += n
             queries[info.stats_key] = queries.get(info.stats_key, 0) + n
             if info.ecs:
                 self._ecs_queries += n
@@ -191,9 +196,9 @@ class Stats:
         sites: tuple[str, ...],
         offered: tuple[tuple[str, str], ...],
     ) -> None:
-        """One answer sent (full path, fast path): its query counter, the sites it
-        answered with and the capacity windows it counts toward. (A packet-cache hit
-        counts on its entry instead: `fold`.)"""
+        """One answer sent by the full path: its query counter, the sites it answered
+        with and the capacity windows it counts toward. (A packet-cache hit and a
+        fast-path answer count on their entry or body instead: `fold`.)"""
         queries = self._queries
         queries[key] = queries.get(key, 0) + 1
         if sites:

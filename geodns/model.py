@@ -189,6 +189,25 @@ class PoolBalance:
     window_s: float = 0.0
 
 
+@dataclass(slots=True, eq=False)
+class Tally:
+    """Answers of one kind sent and not yet added to the statistics.
+
+    The fast path bumps `hits` on its rendered body's tally (and puts the tally on
+    `handler.Stats.pending` the first time); `Stats.fold` adds hits x (query counter,
+    sites, capacity keys) and resets it. (A packet-cache hit does the same on its
+    CacheInfo.)"""
+
+    stats_key: tuple[str, int, str]  # (qtype name, rcode, transport)
+    sites: tuple[str, ...]
+    offered: tuple[tuple[str, str], ...]  # Stats.pool_offered keys
+    ecs: bool = False
+    hits: int = 0
+
+
+MAX_PENDING = 4096  # Stats folds when this many tallies are waiting
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a client is, according to the GeoIP database.

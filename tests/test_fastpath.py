@@ -586,3 +586,24 @@ def test_clients_with_the_same_decision_share_one_rendered_answer(world: World) 
     assert len(plan.bodies) == 200
     assert len(set(map(id, plan.bodies.values()))) == 1
     assert replayed(h) >= 200 * 2 - 1
+
+
+def test_answers_are_tallied_on_their_bodies_and_never_pile_up(world: World) -> None:
+    """A replayed answer bumps its body's tally; nobody reads the statistics here, yet
+    the list of tallies waiting to be folded stays under its bound, and the counts come
+    out exact, the same as the full path's."""
+    from geodns.model import MAX_PENDING
+
+    fast, full = world.fast, world.full
+    assert fast.fast is not None
+    names = [f"n{i}.example.test" for i in range(MAX_PENDING + 200)]  # NXDOMAIN each
+    for _ in range(3):  # the second ask renders, the third is replayed
+        for name in names:
+            data = dns.message.make_query(name, "A").to_wire()
+            a = fast.handle(data, ("127.0.1.5", 5300), UDP)
+            b = full.handle(data, ("127.0.1.5", 5300), UDP)
+            assert a == b
+            assert len(fast.stats.pending) < MAX_PENDING
+    assert fast.fast.hits >= len(names)
+    assert fast.stats.queries == {("A", 3, "udp"): 3 * len(names)}
+    assert stats_of(fast) == stats_of(full)
