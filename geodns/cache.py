@@ -32,13 +32,12 @@ import ipaddress
 from dataclasses import dataclass
 
 from .balance import MAX_ROTATIONS
-from .handler import CacheInfo, Handler, Stats
+from .handler import CacheInfo, Handler
 from .model import Transport
 
 _UDP = Transport.UDP  # a module global: enum attribute lookups are slow on the hot path
 SOURCE_PREFIX_V4 = 24
 SOURCE_PREFIX_V6 = 56
-MAX_PENDING = Stats.MAX_PENDING
 
 
 @dataclass(slots=True)
@@ -72,12 +71,12 @@ class PacketCache:
         self.udp: dict[bytes, _Entry] = {}
         self.tcp: dict[bytes, _Entry] = {}
         self.misses = 0
-        self.pending = handler.stats.pending  # the same list object for its lifetime
+        self.stats = handler.stats
 
     @property
     def hits(self) -> int:
         """Answers served from the cache (counted per entry, folded when read)."""
-        return self.handler.stats.cache_hits
+        return self.stats.cache_hits
 
     def _valid(self, info: CacheInfo) -> bool:
         h = self.handler
@@ -123,13 +122,7 @@ class PacketCache:
                     if limited is not None:
                         return limited or None
                 # counted on the entry, folded into the statistics when they are read
-                n = hit_info.hits
-                hit_info.hits = n + 1  # before a fold below, which must see this hit
-                if not n:
-                    pending = self.pending
-                    pending.append(hit_info)
-                    if len(pending) >= MAX_PENDING:
-                        self.handler.stats.fold()
+                self.stats.tally(hit_info)
                 return data[:2] + tail
         self.misses += 1
         reply, info = self.handler.process(data, addr, transport, turn)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import FormError
-from .model import MAX_PENDING, IPAddress, Location, Tally, client_prefix
+from .model import IPAddress, Location, Tally, client_prefix
 from .rrl import Action, response_kind
 from .view import GeoState
 from .wire import _parse_opt
@@ -279,13 +279,7 @@ class FastPath:
                 return self._limited(data, act, cookie), None
         # counted on the body, folded into the statistics when they are read
         tally = body.tally_udp if udp else body.tally_tcp
-        n = tally.hits
-        tally.hits = n + 1  # before a fold below, which must see this answer
-        if not n:
-            pending = stats.pending
-            pending.append(tally)
-            if len(pending) >= MAX_PENDING:
-                stats.fold()
+        stats.tally(tally)
         self.hits += 1
         if not want_info or (opt is not None and opt.cookie is not None):
             return reply, None  # a server cookie is per client and per time: not reusable

@@ -116,8 +116,19 @@ class Stats:
         self.pending: list[CacheInfo | Tally] = []
         self._cache_hits = 0  # packet-cache hits folded in so far
 
+    def tally(self, t: CacheInfo | Tally) -> None:
+        """One answer sent, counted on its cache entry or rendered body (the hot paths'
+        bookkeeping: one increment, and a list append the first time)."""
+        n = t.hits
+        t.hits = n + 1  # before a fold below, which must see this answer
+        if not n:
+            pending = self.pending
+            pending.append(t)
+            if len(pending) >= MAX_PENDING:
+                self.fold()
+
     def fold(self) -> None:
-        """Add the packet cache's per-entry hit counts into the counters."""
+        """Add the per-entry and per-body counts of `tally` into the counters."""
         pending = self.pending
         if not pending:
             return
