@@ -30,6 +30,8 @@ with a note):
                    pick, encode each time
   geodns-asyncio   as geodns, with [server] udp_batch = false: asyncio's datagram
                    transport (one recvmsg/sendmsg and one callback per datagram)
+  geodns-loop      as geodns, with [server] udp_thread = false: the batches read by the
+                   event loop's reader instead of a receive thread
   geodns-workers1  `--workers 1`, fixed rate only
   geodns-workers2  `--workers 2`, fixed rate only (both workers share CPU 0 here)
 """
@@ -104,10 +106,13 @@ ROWS = [
     "geodns-full",
     "geodns-nofast",
     "geodns-asyncio",
+    "geodns-loop",
     "geodns-workers1",
     "geodns-workers2",
 ]
 CLOSED = 0  # rate 0 = closed loop
+# rows that switch one [server] key off: config name -> the key
+SWITCHES = {"nofast": "fast_path", "asyncio": "udp_batch", "loop": "udp_thread"}
 
 
 def log(msg: str) -> None:
@@ -684,10 +689,11 @@ def plans(args: argparse.Namespace, feat: Features, cfgs: dict[str, Path]) -> li
     for row, cfg, flags, what in (
         ("geodns-nofast", "nofast", ["--no-packet-cache"], "--no-packet-cache, fast_path off"),
         ("geodns-asyncio", "asyncio", [], "[server] udp_batch = false"),
+        ("geodns-loop", "loop", [], "[server] udp_thread = false"),
     ):
         plan = Plan(row, geodns(cfg, *flags), all_rates, what)
         if cfg not in cfgs:
-            plan.skip = f"geodns has no [server] {'fast_path' if cfg == 'nofast' else 'udp_batch'}"
+            plan.skip = f"geodns has no [server] {SWITCHES[cfg]}"
         out.append(plan)
     out[3].what = "[rrl] on, exempt = [], responses_per_s = 1e9: accounting, never limiting"
     if feat.rrl is None:
@@ -901,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             }
             off = feat.rrl_config("off")
-            for key, cfg in (("fast_path", "nofast"), ("udp_batch", "asyncio")):
+            for cfg, key in SWITCHES.items():
                 if key in feat.server:
                     cfgs[cfg] = write_geodns(root, f"geodns-{cfg}", mmdb, off, f"{key} = false")
             gdnsd_dir = write_gdnsd(root, 0, mmdb)

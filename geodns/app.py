@@ -110,8 +110,13 @@ class App:
         def send_dropped(n: int) -> None:
             self.stats.udp_send_dropped += n
 
+        server = self.config.server
         return DnsServer(
-            handle, limits, udp_batch=self.config.server.udp_batch, on_send_dropped=send_dropped
+            handle,
+            limits,
+            udp_batch=server.udp_batch,
+            on_send_dropped=send_dropped,
+            lock=self.catalog.lock if server.udp_thread else None,
         )
 
     def _make_handler(self) -> Handler:

@@ -84,6 +84,12 @@ class ServerConfig:
         "false: one datagram per event-loop callback (asyncio's transport)",
         True,
     )
+    udp_thread: bool = _doc(
+        "with udp_batch: a receive thread per UDP socket blocks in recvmmsg and answers "
+        "each batch holding the catalog's lock (cheaper wakeups: bench/README.md); "
+        "false: the event loop's reader",
+        True,
+    )
     packet_cache_size: int = _doc("cached replies per transport; a full cache is emptied", 100000)
     workers: int = _doc(
         "DNS worker processes (SO_REUSEPORT); 1 = this process serves DNS itself", 1

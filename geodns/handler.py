@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class Stats:
     answer `Tally.hits` of its rendered body (each put on `pending` the first time):
     `fold()` adds those into the counters below.
     Every reader of `queries`, `answers_by_site`, `pool_offered` and `ecs_queries` goes
-    through a property that folds first, so nothing reads a count that is behind."""
+    through a property that folds first and returns a snapshot taken under the lock, so
+    nothing reads a count that is behind or a dict that is changing."""
 
     # folded when `pending` holds this many entries, so the list stays small even when
     # nothing reads the statistics (no API, no capacity windows)
@@ -114,6 +116,9 @@ class Stats:
         # cache entries and fast-path bodies with answers not yet folded in (each at
         # most once)
         self.pending: list[CacheInfo | Tally] = []
+        # held by `fold` (readers may run on another thread than the DNS path: the
+        # Handler makes it its catalog's lock)
+        self.lock: threading.RLock = threading.RLock()
         self._cache_hits = 0  # packet-cache hits folded in so far
 
     def tally(self, t: CacheInfo | Tally) -> None:
@@ -132,8 +137,11 @@ class Stats:
         pending = self.pending
         if not pending:
             return
-        infos = pending[:]
-        pending.clear()
+        with self.lock:
+            self._fold(pending[:])
+            pending.clear()
+
+    def _fold(self, infos: list[CacheInfo | Tally]) -> None:
         queries, by_site, offered = self._queries, self._answers_by_site, self._pool_offered
         for info in infos:
             n = info.hits
@@ -159,8 +167,9 @@ class Stats:
 
     @property
     def queries(self) -> dict[tuple[str, int, str], int]:
-        self.fold()
-        return self._queries
+        with self.lock:
+            self.fold()
+            return dict(self._queries)  # a snapshot: the DNS path may go on counting
 
     @queries.setter
     def queries(self, value: dict[tuple[str, int, str], int]) -> None:
@@ -169,8 +178,9 @@ class Stats:
 
     @property
     def answers_by_site(self) -> dict[str, int]:
-        self.fold()
-        return self._answers_by_site
+        with self.lock:
+            self.fold()
+            return dict(self._answers_by_site)  # a snapshot: the DNS path may go on counting
 
     @answers_by_site.setter
     def answers_by_site(self, value: dict[str, int]) -> None:
@@ -179,8 +189,9 @@ class Stats:
 
     @property
     def pool_offered(self) -> dict[tuple[str, str], int]:
-        self.fold()
-        return self._pool_offered
+        with self.lock:
+            self.fold()
+            return dict(self._pool_offered)  # a snapshot: the DNS path may go on counting
 
     @pool_offered.setter
     def pool_offered(self, value: dict[tuple[str, str], int]) -> None:
@@ -294,6 +305,7 @@ class Handler:
         self.is_special = is_special
         self.special_block = special_block
         self.stats = stats or Stats()
+        self.stats.lock = holder.view.catalog.lock  # see Catalog.lock
         # answer_order "shuffle": the next rotation per pool (answers not from a cache)
         self.turns: dict[str, int] = {}
         self.rrl = rrl  # response rate limiting of UDP replies (None: off)
@@ -309,9 +321,11 @@ class Handler:
     @locate.setter
     def locate(self, fn: Locate | None) -> None:
         """Swap the GeoIP lookup (a new database); cached answers made with it go stale."""
-        self._locate = fn
-        self.geo_generation += 1
-        self.holder.view.catalog.changes += 1
+        catalog = self.holder.view.catalog
+        with catalog.lock:
+            self._locate = fn
+            self.geo_generation += 1
+            catalog.changes += 1
 
     # -- the entry point -------------------------------------------------------------
     def handle(self, data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -311,6 +312,16 @@ def bind_sockets(
     raise AssertionError("unreachable")
 
 
+def _locked(handle: HandleFn, lock: threading.RLock) -> HandleFn:
+    """`handle` holding `lock`: a TCP query never runs beside a UDP batch."""
+
+    def locked(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        with lock:
+            return handle(data, addr, transport)
+
+    return locked
+
+
 class DnsServer:
     """All listeners of one process."""
 
@@ -320,6 +331,7 @@ class DnsServer:
         limits: TcpLimits | None = None,
         udp_batch: bool = True,
         on_send_dropped: Callable[[int], None] | None = None,
+        lock: threading.RLock | None = None,
     ) -> None:
         self.handle = handle
         self.on_send_dropped = on_send_dropped  # UDP replies the kernel would not take
@@ -327,6 +339,10 @@ class DnsServer:
         # recvmmsg/sendmmsg where the platform has them (udpbatch.py), else asyncio's
         # datagram transport
         self.udp_batch = udp_batch and udpbatch.available()
+        # `[server] udp_thread`: UDP answered on a receive thread per socket, holding
+        # `lock` per batch; TCP (on the event loop) then takes the lock per query too
+        self.lock = lock if self.udp_batch else None
+        self.tcp_handle = handle if self.lock is None else _locked(handle, self.lock)
         self.udp_transports: list[asyncio.DatagramTransport | udpbatch.BatchUdp] = []
         self.tcp_servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -335,7 +351,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for udp, tcp in sockets:
             if self.udp_batch:
-                batch = udpbatch.BatchUdp(udp, self.handle, self.on_send_dropped)
+                batch = udpbatch.BatchUdp(udp, self.handle, self.on_send_dropped, self.lock)
                 batch.start(loop)
                 self.udp_transports.append(batch)
             else:
@@ -344,7 +360,7 @@ class DnsServer:
                 )
                 self.udp_transports.append(transport)
             server = await loop.create_server(
-                lambda: TcpProtocol(self.handle, self.tcp_state), sock=tcp
+                lambda: TcpProtocol(self.tcp_handle, self.tcp_state), sock=tcp
             )
             self.tcp_servers.append(server)
             name = udp.getsockname()

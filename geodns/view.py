@@ -10,6 +10,7 @@ The DNS path never reads a clock, the DB or a file: it reads `holder.view`.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +44,12 @@ class Catalog:
 
     def __init__(self) -> None:
         self.zones: dict[bytes, Zone | None] = {}
+        # Held while anything the DNS path reads is changed (a zone published or
+        # removed, a geo state, the GeoIP database) and while the DNS path answers
+        # (a UDP batch on the receive thread, a TCP query on the event loop): with
+        # `[server] udp_thread` those run on two threads, and each sees a whole change
+        # or none of it. Re-entrant: a holder may publish.
+        self.lock = threading.RLock()
         # bumped when a zone is added or removed (that changes which zone is the
         # longest match for some names); replacing a zone's snapshot does not bump it
         self.generation = 0
@@ -57,21 +64,23 @@ class Catalog:
         """Publish one zone snapshot (or mark it unloaded); other zones are untouched."""
         if zone is not None and zone.version == 0:
             zone = replace(zone, version=next_version())
-        if self.zones.get(origin) is None:
-            # a new zone, or one that was SERVFAIL until now: answers cached without it
-            # (REFUSED, SERVFAIL, a parent zone's) must not be reused
-            self.generation += 1
-        self.zones[origin] = zone
-        self.zone_changes += 1
-        self.changes += 1
+        with self.lock:
+            if self.zones.get(origin) is None:
+                # a new zone, or one that was SERVFAIL until now: answers cached without
+                # it (REFUSED, SERVFAIL, a parent zone's) must not be reused
+                self.generation += 1
+            self.zones[origin] = zone
+            self.zone_changes += 1
+            self.changes += 1
 
     def remove(self, origin: bytes) -> None:
         """Forget a zone: its names are REFUSED afterwards."""
-        if origin in self.zones:
-            del self.zones[origin]
-            self.generation += 1
-            self.zone_changes += 1
-            self.changes += 1
+        with self.lock:
+            if origin in self.zones:
+                del self.zones[origin]
+                self.generation += 1
+                self.zone_changes += 1
+                self.changes += 1
 
     def find(self, qname: bytes, offsets: tuple[int, ...], qtype: int) -> tuple[bool, Zone | None]:
         """Longest-suffix match in O(labels): (found, zone-or-None-if-unloaded).
@@ -111,8 +120,10 @@ class ViewHolder:
 
     def publish_geo(self, geo: GeoState) -> None:
         """Replace the geo state (sites, pools, health) in one assignment."""
-        self.generation += 1
-        self.view = View(self.view.catalog, geo)
-        self.view.catalog.changes += 1
+        catalog = self.view.catalog
+        with catalog.lock:
+            self.generation += 1
+            self.view = View(catalog, geo)
+            catalog.changes += 1
         for listener in self.geo_listeners:
             listener()

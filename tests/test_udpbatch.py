@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -51,18 +53,28 @@ def burst(host: str, port: int, clients: int, per_client: int) -> dict[int, list
             s.close()
 
 
-async def serve(host: str, handle: Handle) -> tuple[udpbatch.BatchUdp, int]:
+@pytest.fixture(params=[False, True], ids=["loop-reader", "receive-thread"])
+def threaded(request: pytest.FixtureRequest) -> bool:
+    """Every test runs with the event loop's reader and with `[server] udp_thread`."""
+    return bool(request.param)
+
+
+async def serve(
+    host: str, handle: Handle, threaded: bool, lock: threading.RLock | None = None
+) -> tuple[udpbatch.BatchUdp, int]:
     udp, tcp = bind_sockets(host, 0)
     tcp.close()
-    batch = udpbatch.BatchUdp(udp, handle)
+    if threaded and lock is None:
+        lock = threading.RLock()
+    batch = udpbatch.BatchUdp(udp, handle, lock=lock if threaded else None)
     batch.start(asyncio.get_running_loop())
     return batch, udp.getsockname()[1]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_every_query_of_a_burst_is_answered_at_its_source(host: str) -> None:
+def test_every_query_of_a_burst_is_answered_at_its_source(host: str, threaded: bool) -> None:
     async def run() -> None:
-        batch, port = await serve(host, echo)
+        batch, port = await serve(host, echo, threaded)
         try:
             got = await asyncio.to_thread(burst, host, port, 6, 40)
         finally:
@@ -82,14 +94,14 @@ def test_every_query_of_a_burst_is_answered_at_its_source(host: str) -> None:
     asyncio.run(run())
 
 
-def test_queries_without_a_reply_do_not_shift_the_others() -> None:
+def test_queries_without_a_reply_do_not_shift_the_others(threaded: bool) -> None:
     """Dropped queries inside a batch: each reply still goes to its own client."""
 
     def some(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
         return None if struct.unpack("!H", data[:2])[0] % 3 == 0 else echo(data, addr, transport)
 
     async def run() -> None:
-        batch, port = await serve("127.0.0.1", some)
+        batch, port = await serve("127.0.0.1", some, threaded)
         socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
         try:
 
@@ -123,14 +135,14 @@ def test_queries_without_a_reply_do_not_shift_the_others() -> None:
     asyncio.run(run())
 
 
-def test_a_failing_handler_costs_one_servfail() -> None:
+def test_a_failing_handler_costs_one_servfail(threaded: bool) -> None:
     def broken(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
         if data[1] == 7:
             raise RuntimeError("bug")
         return echo(data, addr, transport)
 
     async def run() -> None:
-        batch, port = await serve("127.0.0.1", broken)
+        batch, port = await serve("127.0.0.1", broken, threaded)
         try:
             got = await asyncio.to_thread(burst, "127.0.0.1", port, 1, 10)
         finally:
@@ -145,7 +157,7 @@ def test_a_failing_handler_costs_one_servfail() -> None:
     asyncio.run(run())
 
 
-def test_the_largest_datagram_arrives_whole() -> None:
+def test_the_largest_datagram_arrives_whole(threaded: bool) -> None:
     sizes: list[int] = []
 
     def size(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
@@ -153,7 +165,7 @@ def test_the_largest_datagram_arrives_whole() -> None:
         return data[:12]
 
     async def run() -> None:
-        batch, port = await serve("127.0.0.1", size)
+        batch, port = await serve("127.0.0.1", size, threaded)
         try:
 
             def go() -> bytes:
@@ -190,7 +202,7 @@ def test_udp_batch_off_uses_the_asyncio_transport() -> None:
     asyncio.run(run())
 
 
-def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
+def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch(threaded: bool) -> None:
     """sendmmsg stops at a message it cannot send (here: to port 0, EINVAL); that reply
     is counted as dropped and the rest of the batch still goes out."""
     udp, tcp = bind_sockets("127.0.0.1", 0)
@@ -214,7 +226,8 @@ def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
 
         async def run() -> None:
             nonlocal batch
-            batch = udpbatch.BatchUdp(udp, spoiled, told.append)
+            lock = threading.RLock() if threaded else None
+            batch = udpbatch.BatchUdp(udp, spoiled, told.append, lock)
             batch.start(asyncio.get_running_loop())
             try:
                 got = await asyncio.to_thread(clients[1].recv, 2048)
@@ -230,3 +243,103 @@ def test_a_reply_the_kernel_refuses_is_skipped_not_the_batch() -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def test_close_stops_the_receive_thread_blocked_in_recvmmsg() -> None:
+    """The receive thread sleeps in recvmmsg; close() wakes it (shutdown of the receive
+    side), it exits without answering anything, and the socket is closed."""
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", echo, True)
+        thread = batch._thread
+        assert thread is not None and thread.is_alive()
+        got = await asyncio.to_thread(burst, "127.0.0.1", port, 1, 3)
+        assert sum(len(v) for v in got.values()) == 3
+        t0 = time.monotonic()
+        batch.close()
+        assert not thread.is_alive()
+        assert time.monotonic() - t0 < 2
+        assert batch.sock.fileno() == -1
+
+    asyncio.run(run())
+
+
+def test_a_batch_waits_for_whoever_holds_the_lock() -> None:
+    """The receive thread answers holding the lock (the catalog's, also taken by every
+    publish and every TCP query): while another thread holds it, no reply goes out, and
+    every query is answered once it is released."""
+    lock = threading.RLock()
+    seen: list[str] = []
+
+    def record(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        seen.append(threading.current_thread().name)
+        return echo(data, addr, transport)
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", record, True, lock)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(0.3)
+        try:
+            with lock:  # e.g. a zone being published
+                for qid in range(5):
+                    client.sendto(query(qid), ("127.0.0.1", port))
+                with pytest.raises(TimeoutError):
+                    await asyncio.to_thread(client.recv, 2048)
+                assert seen == []
+            client.settimeout(3)
+            ids = sorted(struct.unpack("!H", client.recv(2048)[:2])[0] for _ in range(5))
+            assert ids == [0, 1, 2, 3, 4]
+            assert set(seen) == {"geodns-udp"}
+        finally:
+            client.close()
+            batch.close()
+
+    asyncio.run(run())
+
+
+def test_tcp_queries_take_the_lock_when_udp_has_a_thread() -> None:
+    """With `[server] udp_thread` the DnsServer runs TCP queries holding the same lock
+    as the UDP batches; without it TCP calls the handler as it is."""
+    lock = threading.RLock()
+    held: list[bool] = []
+
+    def check(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        # an RLock is held by this thread iff a non-blocking acquire from another
+        # thread fails
+        box: list[bool] = []
+
+        def probe() -> None:
+            got = lock.acquire(blocking=False)
+            if got:
+                lock.release()
+            box.append(got)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        held.append(not box[0])
+        return data[:2] + bytes([data[2] | 0x80]) + data[3:]
+
+    async def ask_tcp(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        q = query(7)
+        writer.write(len(q).to_bytes(2, "big") + q)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        reply = await reader.readexactly(size)
+        writer.close()
+        return reply
+
+    async def run(with_lock: bool) -> None:
+        server = DnsServer(check, lock=lock if with_lock else None)
+        await server.start([bind_sockets("127.0.0.1", 0)])
+        try:
+            reply = await ask_tcp(server.addresses[0][1])
+            assert struct.unpack("!H", reply[:2])[0] == 7
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(run(True))
+    asyncio.run(run(False))
+    assert held == [True, False]
