@@ -16,9 +16,9 @@ ECS 81.2.69.0/24, the exact bytes dnsperf sends):
 2. Live, on loopback like bench/run.py, at a fixed dnsperf rate: server CPU per query split
    into user and kernel time (/proc/PID/stat), and `perf record` of the server split by
    shared object (kernel, Python interpreter, uvloop, the GeoIP reader, libc) with the top
-   symbols. Servers: an echo server (geodns's own DnsServer + uvloop answering one
-   precomputed reply: the floor of kernel + event loop), geodns (hit path), geodns
-   --no-packet-cache (full path) and gdnsd.
+   symbols. Servers: an echo server (geodns's own DnsServer, its UDP receive thread
+   answering one precomputed reply: the floor of kernel + interpreter), geodns (hit
+   path), geodns --no-packet-cache (full path) and gdnsd.
 3. One process vs two on the same CPU at that rate (what `--workers 2` costs where both
    workers share one CPU): CPU per query and wakeups per query for gdnsd with 1 and 2 UDP
    threads and as 1 and 2 processes, the echo server as 1 and 2 SO_REUSEPORT processes,
@@ -339,7 +339,7 @@ def part_inprocess(args: argparse.Namespace, cfgs: dict[str, Path]) -> list[str]
 # -- part 2: live servers ----------------------------------------------------------------
 
 ECHO = """
-import asyncio, os, sys
+import asyncio, os, sys, threading
 from geodns.app import install_loop_policy
 from geodns.server import DnsServer, bind_sockets
 port, tail = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
@@ -347,7 +347,7 @@ procs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 def handle(data, addr, transport):
     return data[:2] + tail
 async def main():
-    server = DnsServer(handle)
+    server = DnsServer(handle, lock=threading.RLock())  # a receive thread, as geodns
     await server.start([bind_sockets("127.0.0.1", port, reuse_port=procs > 1)])
     await asyncio.Event().wait()
 for _ in range(procs - 1):  # N processes on one port, as --workers N (SO_REUSEPORT)
@@ -490,7 +490,11 @@ def part_live(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) -> li
     have_perf = shutil.which("perf") is not None
     py = sys.executable
     servers: list[tuple[str, list[str], int]] = [
-        ("echo (DnsServer + uvloop, one fixed reply)", [py, "-c", ECHO, "PORT", tail[2:].hex()], 0),
+        (
+            "echo (DnsServer, receive thread, one fixed reply)",
+            [py, "-c", ECHO, "PORT", tail[2:].hex()],
+            0,
+        ),
         ("geodns hit path", [py, "-m", "geodns", "--config", str(cfgs["base"]), "serve"], 0),
         (
             "geodns full path (--no-packet-cache)",
