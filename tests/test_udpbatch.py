@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -343,3 +344,50 @@ def test_tcp_queries_take_the_lock_when_udp_has_a_thread() -> None:
     asyncio.run(run(True))
     asyncio.run(run(False))
     assert held == [True, False]
+
+
+def test_answers_stay_whole_while_health_flips_under_udp_load(tmp_path: Path) -> None:
+    """A real server (receive thread on): one client streams UDP queries while the
+    event loop drains and restores a site 40 times. Every reply is a whole answer for
+    one of the two states, none is lost, and the last state is the one served."""
+    import dns.edns
+    import dns.message
+    import dns.query
+
+    from geodns.model import Override
+    from tests.serverutil import run_server, wait_for
+    from tests.test_workers import config_with_zones
+
+    cfg = config_with_zones(tmp_path)
+    assert cfg.server.udp_thread
+    with run_server(cfg) as s:
+        assert s.app.dns is not None and s.app.dns.lock is s.app.catalog.lock
+        stop = threading.Event()
+        seen: list[frozenset[str]] = []
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            q = dns.message.make_query(
+                "www.example.com", "A", use_edns=0, options=[dns.edns.ECSOption("212.58.224.0", 24)]
+            )
+            try:
+                while not stop.is_set():
+                    r = dns.query.udp(q, s.host, port=s.port, timeout=3)
+                    seen.append(frozenset(rd.address for rr in r.answer for rd in rr))
+            except BaseException as exc:
+                errors.append(exc)
+
+        client = threading.Thread(target=stream)
+        client.start()
+        try:
+            for _ in range(20):
+                s.call(s.app.health.set_override("uk", Override.DOWN, "flip", "test", None))
+                s.call(s.app.health.clear_override("uk", "test", "flop"))
+            s.call(s.app.health.set_override("uk", Override.DOWN, "last", "test", None))
+            wait_for(lambda: len(seen) > 10 and seen[-1] == {"198.51.100.20"})
+        finally:
+            stop.set()
+            client.join(10)
+        assert not errors, errors
+        assert set(seen) <= {frozenset({"198.51.100.10"}), frozenset({"198.51.100.20"})}
+        assert len(seen) > 40
