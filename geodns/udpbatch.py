@@ -15,9 +15,11 @@ through ctypes (Linux only, no compiler needed):
 - the `(host, port)` the handler sees is built once per distinct source address and
   kept in a bounded dict keyed by the raw sockaddr read as integers (for IPv4 its first
   8 octets, family + port + address, are one word: no bytes object per datagram);
-- a wakeup takes at most ROUNDS batches, then returns to the event loop (TCP, the ops
-  API and timers are never starved); the reader is level-triggered, so what is left
-  is read on the next turn.
+- with `[server] udp_thread` (the default) a thread per socket blocks in recvmmsg and
+  answers each batch holding the catalog's lock (`BatchUdp.start`); otherwise the
+  event loop's reader does, taking at most ROUNDS batches per wakeup before returning
+  to the loop (TCP, the ops API and timers are never starved; the reader is
+  level-triggered, so what is left is read on the next turn).
 
 A receive slot holds the largest UDP payload, so no datagram is cut short.
 `available()` says whether the platform has what this needs; the
@@ -237,9 +239,14 @@ class BatchUdp:
                     log.exception("udp: a batch of %d datagrams failed", n)
             elif n < 0:
                 err = ctypes.get_errno()
+                if err in (errno.EBADF, errno.ENOTSOCK):
+                    log.error("udp: the socket is gone (%s): receive thread stops", err)
+                    return
                 if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                     # e.g. ECONNREFUSED queued by an ICMP error: nothing to answer
                     log.debug("recvmmsg: %s", errno.errorcode.get(err, err))
+            else:
+                return  # 0 messages: not a blocking receive any more; nothing to wait for
 
     def close(self) -> None:
         if self._thread is not None:
