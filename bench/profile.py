@@ -730,12 +730,7 @@ def main() -> int:
         import geodns  # noqa: F401
     except ImportError:
         sys.exit("run with the project venv: .venv/bin/python bench/profile.py")
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    head = run.git_head()
     root = Path(tempfile.mkdtemp(prefix="geodns-profile-"))
     out: list[str] = []
     try:

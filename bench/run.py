@@ -788,6 +788,16 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def git_head() -> str:
+    """`git describe` of the geodns checkout measured ("" outside a git checkout)."""
+    return subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+
+
 def _version(argv: list[str]) -> str:
     with contextlib.suppress(OSError):
         p = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -944,12 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         STARTED.stop_all()
 
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    head = git_head()
     print(
         f"geodns {head or '?'} vs gdnsd, {started:%Y-%m-%d %H:%M %Z}: "
         f"{os.cpu_count()} vCPU {_cpu_model()}, "
