@@ -125,8 +125,6 @@ class _Body:
     tally_udp: Tally
     tally_tcp: Tally
     rrl_kind: bytes
-    sites: tuple[str, ...] = ()
-    offered: tuple[tuple[str, str], ...] = ()
     pools: tuple[tuple[str, int], ...] = ()
 
 
@@ -321,11 +319,11 @@ class FastPath:
             by_source=by_source and plan.geo is not None,
             scope=body.scope if plan.geo is not None else 0,
             stats_key=stats_key,
-            sites=body.sites,
+            sites=body.tally_udp.sites,
             ecs=opt is not None and opt.ecs,
             geo_generation=h.geo_generation,
             rrl_kind=body.rrl_kind if h.rrl is not None and udp else b"",
-            offered=body.offered,
+            offered=body.tally_udp.offered,
         )
 
     def _reset(self, plan: _Plan, state: GeoState, generation: int) -> bool:
@@ -542,8 +540,6 @@ class FastPath:
             tally_udp=Tally((name, ans.rcode, "udp"), sites, offered),
             tally_tcp=Tally((name, ans.rcode, "tcp"), sites, offered),
             rrl_kind=response_kind(ans.rcode, ans.aa, q.qname.lower(), ans.zone.origin),
-            sites=sites,
-            offered=offered,
             pools=pools,
         )
 

@@ -93,10 +93,6 @@ class Stats:
     through a property that folds first and returns a snapshot taken under the lock, so
     nothing reads a count that is behind or a dict that is changing."""
 
-    # folded when `pending` holds this many entries, so the list stays small even when
-    # nothing reads the statistics (no API, no capacity windows)
-    MAX_PENDING = MAX_PENDING
-
     def __init__(self) -> None:
         self._queries: dict[tuple[str, int, str], int] = {}
         self._answers_by_site: dict[str, int] = {}
@@ -130,6 +126,8 @@ class Stats:
             pending = self.pending
             pending.append(t)
             if len(pending) >= MAX_PENDING:
+                # the list stays small even when nothing reads the statistics (no API,
+                # no capacity windows)
                 self.fold()
 
     def fold(self) -> None:

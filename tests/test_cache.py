@@ -232,15 +232,15 @@ def test_hits_are_counted_on_the_entry_and_folded_when_statistics_are_read(world
 def test_unread_hits_never_pile_up(world) -> None:  # type: ignore[no-untyped-def]
     """Nobody reads the statistics (no API, no capacity windows): the list of entries
     with unfolded hits is folded whenever it reaches its bound."""
-    from geodns.handler import Stats
+    from geodns.model import MAX_PENDING
 
     handler, cache, _ = world
     stats = handler.stats
-    names = [query(f"n{i}.example.test") for i in range(Stats.MAX_PENDING + 300)]
+    names = [query(f"n{i}.example.test") for i in range(MAX_PENDING + 300)]
     for data in names:
         cache.handle(data, ("127.0.0.1", 1), UDP)  # miss: NXDOMAIN, cached
     for data in names:
         cache.handle(data, ("127.0.0.1", 1), UDP)  # hit
-        assert len(stats.pending) < Stats.MAX_PENDING
+        assert len(stats.pending) < MAX_PENDING
     assert stats.queries == {("A", 3, "udp"): 2 * len(names)}
     assert cache.hits == len(names)
