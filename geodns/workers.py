@@ -146,6 +146,26 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
         setattr(into, k, v)
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on: its affinity mask, which `taskset`,
+    systemd's CPUAffinity= and cgroup cpusets narrow (not the machine's CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def crowding(workers: int, cpus: int) -> str | None:
+    """The operator's warning when workers outnumber the usable CPUs, else None."""
+    if workers <= cpus:
+        return None
+    return (
+        f"--workers {workers} but this process may use {cpus} CPU(s): workers sharing a "
+        f"CPU take turns and spend more CPU per query than one would (two on one CPU: "
+        f"~1.1-1.2x, bench/README.md); --workers {cpus} is enough here"
+    )
+
+
 @dataclass
 class _Worker:
     index: int
@@ -197,6 +217,9 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Spawn every worker and wait until each one serves."""
+        warning = crowding(self.count, usable_cpus())
+        if warning is not None:
+            log.warning("%s", warning)
         for w in self.workers:
             await self._spawn(w)
         await asyncio.wait_for(self.ready.wait(), 120)

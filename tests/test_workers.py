@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import dns.edns
 import dns.message
 import dns.query
+import pytest
 
 from geodns.config import Config, load_config
 from geodns.model import Health, Override, SiteState
@@ -47,9 +52,20 @@ def config_with_zones(tmp_path: Path) -> Config:
     return load_config(write_config(tmp_path, SITES))
 
 
-def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
+def test_two_workers_answer_and_follow_one_health_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config_with_zones(tmp_path)
+    # as under `taskset -c 0`: the operator is told the two workers will share one CPU
+    monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 1)
+    caplog.set_level(logging.WARNING, logger="geodns.workers")
     with run_server(cfg, workers=2) as s:
+        crowded = [r.getMessage() for r in caplog.records if r.name == "geodns.workers"]
+        assert crowded == [
+            "--workers 2 but this process may use 1 CPU(s): workers sharing a CPU take "
+            "turns and spend more CPU per query than one would (two on one CPU: ~1.1-1.2x, "
+            "bench/README.md); --workers 1 is enough here"
+        ]
         assert s.app.pool is not None and len(s.app.pool.workers) == 2
         assert s.app.dns is None or not s.app.dns.addresses  # the main process serves no DNS
         answers = [gb(s.host, s.port) for _ in range(200)]  # new source port per query
@@ -66,14 +82,20 @@ def test_two_workers_answer_and_follow_one_health_view(tmp_path: Path) -> None:
 
 
 def test_a_burst_of_health_changes_reaches_every_worker_as_its_last_state(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The main process pushes health when it is published (no polling): drain, undrain
     and drain again within one coalescing window, and every worker ends on the last."""
     cfg = config_with_zones(tmp_path)
+    monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 2)
+    caplog.set_level(logging.WARNING, logger="geodns.workers")
     with run_server(cfg, workers=2) as s:
         assert s.app.pool is not None
         assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
+        # a CPU per worker: nothing to warn about
+        assert not [
+            r for r in caplog.records if "usable" in r.getMessage() or "CPU(s)" in r.getMessage()
+        ]
 
         async def burst() -> None:
             health = s.app.health
@@ -113,3 +135,21 @@ def test_view_holder_tells_listeners_of_each_new_geo_state() -> None:
     holder.publish_geo(second)
     # called after the swap, once per publish
     assert len(seen) == 2 and seen[0] is first and seen[1] is second
+
+
+def test_usable_cpus_follows_the_affinity_mask_not_the_machine() -> None:
+    """What `taskset -c 0 geodns serve --workers 2` sees: one CPU, whatever nproc says."""
+    code = "from geodns.workers import usable_cpus; print(usable_cpus())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert out.stdout.strip() == "1"
+    full = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert full.stdout.strip() == str(len(os.sched_getaffinity(0)))
