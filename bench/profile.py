@@ -4,6 +4,7 @@
     .venv/bin/python bench/profile.py            # in-process stages + live servers (~1 min)
     .venv/bin/python bench/profile.py --no-live  # only the in-process part
     .venv/bin/python bench/profile.py --workers-only  # only part 3 (~1.5 min)
+    .venv/bin/python bench/profile.py --workers-only --rounds 5  # medians of 5 rounds
 
 Two parts, both on the data bench/run.py builds (same zone, GeoIP database, query mix,
 ECS 81.2.69.0/24, the exact bytes dnsperf sends):
@@ -691,22 +692,46 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
             run.STARTED.servers.remove(server)
         return res.cpu_us, (w1 - w0) / max(1, res.completed)
 
-    for name, argv, second in pairs:
-        try:
-            one = measure(name + " (1)", argv, rate)
-            two = measure(name + " (2)", [*argv[:-1], *second], rate)
-            if argv[0] != gdnsd and "geodns" in argv:
-                h = measure(name + " (1, half rate)", argv, rate // 2)
-                half = (
-                    f"\ngeodns --workers 1 at {rate // 2:,} QPS (the rate each of two workers "
-                    f"serves): {h[0]:.1f} µs/query, {h[1]:.2f} wakeups/query."
-                )
-        except RuntimeError as exc:
-            rows.append(f"| {name} | failed: {str(exc).splitlines()[0]} |")
+    # rounds interleave the pairs, so a slow half hour of this VM lands on every server;
+    # each round's "2 vs 1" pairs measurements taken a minute apart
+    got: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {}
+    failed: dict[str, str] = {}
+    for rnd in range(args.rounds):
+        for name, argv, second in pairs:
+            if name in failed:
+                continue
+            try:
+                one = measure(name + " (1)", argv, rate)
+                two = measure(name + " (2)", [*argv[:-1], *second], rate)
+                if argv[0] != gdnsd and "geodns" in argv and rnd == 0:
+                    h = measure(name + " (1, half rate)", argv, rate // 2)
+                    half = (
+                        f"\ngeodns --workers 1 at {rate // 2:,} QPS (the rate each of two "
+                        f"workers serves): {h[0]:.1f} µs/query, {h[1]:.2f} wakeups/query."
+                    )
+            except RuntimeError as exc:
+                failed[name] = str(exc).splitlines()[0]
+                continue
+            got.setdefault(name, []).append((one, two))
+    med = statistics.median
+    for name, _, _ in pairs:
+        if name in failed:
+            rows.append(f"| {name} | failed: {failed[name]} |")
             continue
+        runs = got.get(name, [])
+        if not runs:
+            continue
+        ratios = sorted(t[0] / o[0] for o, t in runs)
+        spread = f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else ""
         rows.append(
-            f"| {name} | {one[0]:.1f} | {one[1]:.2f} | {two[0]:.1f} | {two[1]:.2f} "
-            f"| {two[0] / one[0]:.2f}x |"
+            f"| {name} | {med(o[0] for o, _ in runs):.1f} | {med(o[1] for o, _ in runs):.2f} "
+            f"| {med(t[0] for _, t in runs):.1f} | {med(t[1] for _, t in runs):.2f} "
+            f"| {med(ratios):.2f}x{spread} |"
+        )
+    if args.rounds > 1:
+        rows.append(
+            f"\nMedians over {args.rounds} interleaved rounds; 2 vs 1 is the median of each "
+            "round's ratio, with its range."
         )
     return rows + ([half] if half else [])
 
@@ -715,6 +740,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--no-live", action="store_true", help="only the in-process part")
     p.add_argument("--workers-only", action="store_true", help="only the 1-vs-2 processes part")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="part 3: interleaved rounds (medians, ranges)"
+    )
     p.add_argument("--reps", type=int, default=2500, help="passes over the 20-query mix")
     p.add_argument("--rate", type=int, default=40000, help="dnsperf -Q for the live part")
     p.add_argument(
