@@ -79,7 +79,7 @@ class ZoneCache:
             self.misses += 1
             return None
         try:
-            with gc_paused():
+            with gc_paused(keep=True):
                 zone = pickle.loads(data)
         except Exception as exc:  # a truncated or foreign file: parse again
             log.debug("zonecache: %s unusable: %s", key, exc)
