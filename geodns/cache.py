@@ -84,8 +84,12 @@ class PacketCache:
         catalog = view.catalog
         if catalog.generation != info.catalog_generation:
             return False
-        if info.zone_key is not None and catalog.zones.get(info.zone_key) is not info.zone:
-            return False
+        if info.zone_key is not None:
+            # the zone that answered, if it is still alive, must still be the published
+            # one (a dead reference is never valid: None is also "unloaded" in the catalog)
+            zone = info.zone() if info.zone is not None else None
+            if zone is None or catalog.zones.get(info.zone_key) is not zone:
+                return False
         if info.pools:
             versions = view.geo.pool_versions
             for pool, version in info.pools:
@@ -163,7 +167,7 @@ class PacketCache:
     def _same(self, a: CacheInfo, b: CacheInfo) -> bool:
         """Two answers made from the same data (so one entry can hold both sources)."""
         return (
-            a.zone is b.zone
+            (a.zone() if a.zone else None) is (b.zone() if b.zone else None)
             and a.catalog_generation == b.catalog_generation
             and a.pools == b.pools
             and a.geo_generation == b.geo_generation

@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -313,7 +314,7 @@ class FastPath:
         h = self.handler
         return CacheInfo(
             zone_key=plan.zone.origin,
-            zone=plan.zone,
+            zone=weakref.ref(plan.zone),
             catalog_generation=self.catalog.generation,
             pools=body.pools,
             by_source=by_source and plan.geo is not None,

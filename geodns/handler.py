@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -236,7 +237,9 @@ class CacheInfo:
     """What a reply depended on, so a packet cache can tell when it is still valid."""
 
     zone_key: bytes | None  # origin of the zone that answered (None: REFUSED)
-    zone: Zone | None  # that zone snapshot (identity: a reload replaces it)
+    # that zone snapshot (identity: a reload replaces it), held weakly: a cache entry
+    # must not keep a replaced zone alive (the reaper frees it in slices, reload.py)
+    zone: weakref.ref[Zone] | None
     catalog_generation: int  # zones added/removed since (changes longest-match)
     pools: tuple[tuple[str, int], ...]  # geo pools used, with their health version
     by_source: bool  # the client was located by the packet source, not ECS
@@ -460,7 +463,7 @@ class Handler:
             return reply, None  # a server cookie is per client and per time: not reusable
         info = CacheInfo(
             zone_key=ans.zone.origin if ans.zone is not None else None,
-            zone=ans.zone,
+            zone=weakref.ref(ans.zone) if ans.zone is not None else None,
             catalog_generation=view.catalog.generation,
             pools=tuple(steer.pools_used.items()) if steer is not None else (),
             by_source=steer is not None and steer.used and steer.by_source,

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -233,6 +234,102 @@ def _freeze() -> None:
     gc.freeze()
 
 
+# A replaced zone of at least this many records is freed in slices by the reaper; a
+# smaller one is freed at once (under ~10 ms).
+RETIRE_MIN_RECORDS = 50_000
+RETIRE_SLICE = 5_000  # names freed per slice: ~1 ms with the GIL held
+
+
+class Reaper:
+    """Frees replaced big zones a slice at a time, on a thread of its own.
+
+    Dropping the last reference to a 1,000,000-record zone frees millions of objects in
+    one C call that holds the GIL for ~0.24 s, so no thread answers a query meanwhile
+    (the UDP receive thread included: the max round trip during a reload in
+    bench/zones_scale.py). Here the zone's name table is emptied RETIRE_SLICE names at
+    a time, and between slices any thread that waits for the GIL gets it.
+
+    A zone is only taken apart when nothing but the reaper refers to it (its reference
+    count, and its name table's, say so): an API call or a query that still reads the
+    old snapshot never sees it shrink. Otherwise it is simply let go, and freed at once
+    by whoever drops it last.
+    """
+
+    def __init__(self, wait_s: float = 30.0) -> None:
+        # how long a retired zone may still be referred to elsewhere (the fast path
+        # drops its plans at the next query; an API call finishes) before it is let go
+        self.wait_s = wait_s
+        self._queue: queue.SimpleQueue[Zone] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.dismantled = 0  # zones freed in slices
+        self.let_go = 0  # zones still referred to elsewhere: freed by their last holder
+        self.idle = threading.Event()  # set when every retired zone has been dealt with
+        self.idle.set()
+
+    def retire(self, zone: Zone | None) -> None:
+        """Take over a zone that was just replaced or removed (the caller drops its own
+        references to it afterwards)."""
+        if zone is None or zone.records < RETIRE_MIN_RECORDS:
+            return
+        with self._lock:
+            self.idle.clear()
+            self._queue.put(zone)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="geodns-reaper", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                zone = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None  # the next retire starts another
+                        return
+                continue
+            started = time.monotonic()
+            # sys.getrefcount counts `zone` here and its own argument: 2 means nobody
+            # else refers to the zone any more
+            while sys.getrefcount(zone) > 2 and time.monotonic() - started < self.wait_s:
+                time.sleep(0.05)
+            nodes = zone.nodes
+            # and the name table: `nodes` here, the zone's field, the argument
+            if (
+                sys.getrefcount(zone) <= 2
+                and sys.getrefcount(nodes) <= 3
+                and isinstance(nodes, dict)
+            ):
+                t = time.monotonic()
+                while nodes:
+                    for _ in range(min(RETIRE_SLICE, len(nodes))):
+                        nodes.popitem()
+                    time.sleep(0)  # let a thread waiting for the GIL have it
+                self.dismantled += 1
+                log.info(
+                    "reaper: zone=%s: the replaced version (%d records) freed in %.2f s",
+                    zone.origin_text,
+                    zone.records,
+                    time.monotonic() - t,
+                )
+            else:
+                self.let_go += 1
+                log.info(
+                    "reaper: zone=%s: the replaced version is still in use after %.0f s; "
+                    "freed by its last user",
+                    zone.origin_text,
+                    self.wait_s,
+                )
+            del nodes, zone
+            with self._lock:
+                if self._queue.empty():
+                    self.idle.set()
+
+
+REAPER = Reaper()
+
+
 def _pool_context() -> Any:
     """forkserver: workers fork from a clean single-threaded process (this one has an
     event loop, executor threads, sockets), with geodns already imported there."""
@@ -364,6 +461,8 @@ class ZoneReloader:
                     zone.serial,
                 )
             self.catalog.set(key, zone)
+            REAPER.retire(old)  # a big old version is freed in slices, off this thread
+            del old
             published = self.catalog.zones[key]
             st.serial, st.loaded_at, st.records = zone.serial, zone.loaded_at, zone.records
             st.error = st.error_at = None
@@ -403,6 +502,7 @@ class ZoneReloader:
             return
         self.missing_since.pop(zone_path, None)
         if key in self.catalog.zones:
+            REAPER.retire(self.catalog.zones.get(key))
             self.catalog.remove(key)
             self.status.pop(origin, None)
             self.signatures.pop(str(zone_path), None)

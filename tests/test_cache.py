@@ -244,3 +244,38 @@ def test_unread_hits_never_pile_up(world) -> None:  # type: ignore[no-untyped-de
         assert len(stats.pending) < MAX_PENDING
     assert stats.queries == {("A", 3, "udp"): 2 * len(names)}
     assert cache.hits == len(names)
+
+
+def test_a_cache_entry_does_not_keep_a_replaced_zone_alive(world) -> None:  # type: ignore[no-untyped-def]
+    """Entries hold the zone weakly: once a reload replaces it and one more query has been
+    answered, nothing keeps the old snapshot (so the reaper can free a big one in slices,
+    reload.py)."""
+    import weakref
+
+    handler, cache, tmp = world
+    catalog = handler.holder.view.catalog
+    for name in ("www.example.test", "geo.example.test", "nx.example.test"):
+        for transport in (UDP, TCP):
+            cache.handle(query(name, ecs="212.58.224.0/24"), ("127.0.0.1", 1), transport)
+            cache.handle(query(name, ecs="212.58.224.0/24"), ("127.0.0.1", 1), transport)
+    assert cache.udp and cache.tcp
+    old = weakref.ref(catalog.zones[b"\x07example\x04test\x00"])
+    zone = parse_zone(tmp / "example.test.zone", {"web": POOL})
+    catalog.set(zone.origin, zone)
+    # the fast path drops its plans at the next query it sees; cache entries never held it
+    assert old() is not None
+    reply = cache.handle(query("www.example.test"), ("127.0.0.1", 1), UDP)
+    assert "192.0.2.80" in addresses(reply)
+    assert old() is None
+
+
+def test_an_entry_whose_zone_is_gone_and_now_unloaded_is_not_served(world) -> None:  # type: ignore[no-untyped-def]
+    """A zone replaced by a failed load (None in the catalog: SERVFAIL): the entry's dead
+    reference must not pass for "the same zone" because both are None."""
+    handler, cache, _ = world
+    catalog = handler.holder.view.catalog
+    data = query("www.example.test")
+    assert "192.0.2.80" in addresses(cache.handle(data, ("127.0.0.1", 1), UDP))
+    catalog.set(b"\x07example\x04test\x00", None)
+    reply = cache.handle(data, ("127.0.0.1", 1), UDP)
+    assert reply is not None and dns.message.from_wire(reply).rcode() == 2  # SERVFAIL

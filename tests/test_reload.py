@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import dns.rcode
 import pytest
 
 from geodns.config import load_config
+from geodns.reload import Reaper
+from geodns.zones import Zone, load_zone
 from tests.serverutil import Running, make_zone_dir, run_process, run_server, wait_for, write_config
 
 HEAD = """$ORIGIN r.test.
@@ -173,7 +176,15 @@ def test_sighup_reloads(tmp_path: Path) -> None:
         wait_for(lambda: answer() == {"192.0.2.5"})
 
 
-def test_no_failed_query_during_reloads_of_a_large_zone(tmp_path: Path) -> None:
+def test_no_failed_query_during_reloads_of_a_large_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """And each replaced version is freed by the reaper in slices: nothing (packet cache,
+    fast path) keeps it alive once queries have moved to the new version."""
+    reaper = Reaper(wait_s=20)
+    monkeypatch.setattr("geodns.reload.REAPER", reaper)
+    monkeypatch.setattr("geodns.reload.RETIRE_MIN_RECORDS", 10_000)
+    monkeypatch.setattr("geodns.reload.RETIRE_SLICE", 1_000)
     n = 20_000
     body = "".join(f"h{i} IN A 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
     make_zone_dir(tmp_path, {"r.test.zone": zone(1, "www IN A 192.0.2.1\n" + body)})
@@ -206,8 +217,59 @@ def test_no_failed_query_during_reloads_of_a_large_zone(tmp_path: Path) -> None:
                     lambda serial=serial: s.app.zone_status["r.test."].serial == serial,  # type: ignore[misc]
                     timeout_s=60,
                 )
+            # the query loop's next answers come from the new version, so the fast path
+            # lets go of the old one's plans and the reaper may take it apart
+            assert reaper.idle.wait(30)
         finally:
             stop.set()
             t.join()
     assert failures == []
     assert answered > 0
+    assert (reaper.dismantled, reaper.let_go) == (3, 0)
+
+
+def _big_zone(records: int) -> Zone:
+    body = "".join(f"h{i} IN A 10.0.{i >> 8 & 255}.{i & 255}\n" for i in range(records))
+    return load_zone_text(zone(1, body))
+
+
+def load_zone_text(text: str) -> Zone:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "r.test.zone"
+        p.write_text(text)
+        return load_zone(p)
+
+
+def test_reaper_takes_apart_a_zone_nobody_else_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("geodns.reload.RETIRE_MIN_RECORDS", 100)
+    monkeypatch.setattr("geodns.reload.RETIRE_SLICE", 7)
+    reaper = Reaper(wait_s=5)
+    z = _big_zone(300)
+    gone = weakref.ref(z)
+    reaper.retire(z)
+    del z
+    assert reaper.idle.wait(10)
+    assert (reaper.dismantled, reaper.let_go) == (1, 0)
+    assert gone() is None
+
+
+def test_reaper_never_shrinks_a_zone_someone_still_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old snapshot still in use (an API call, a query) is left whole and let go."""
+    monkeypatch.setattr("geodns.reload.RETIRE_MIN_RECORDS", 100)
+    reaper = Reaper(wait_s=0.2)
+    z = _big_zone(300)
+    names = len(z.nodes)
+    reaper.retire(z)
+    assert reaper.idle.wait(10)
+    assert (reaper.dismantled, reaper.let_go) == (0, 1)
+    assert len(z.nodes) == names and z.nodes[b"\x04h299\x01r\x04test\x00"]
+
+
+def test_reaper_leaves_small_zones_to_reference_counting() -> None:
+    reaper = Reaper(wait_s=0.2)
+    z = load_zone_text(zone(1, "www IN A 192.0.2.1\n"))
+    reaper.retire(z)
+    reaper.retire(None)
+    assert reaper.idle.is_set() and reaper._thread is None
