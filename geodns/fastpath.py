@@ -133,7 +133,10 @@ class _Body:
 class _Plan:
     """What one question gets from one zone snapshot."""
 
-    zone: Zone
+    # that snapshot, held weakly: a plan must not keep a replaced zone alive (the
+    # reaper frees a big one in slices, reload.py)
+    zone: weakref.ref[Zone]
+    origin: bytes
     slow: bool = False  # the full path answers this question every time
     static: _Body | None = None  # the same reply for every client
     geo: GeoName | None = None  # else: one geo decision decides the body
@@ -313,8 +316,8 @@ class FastPath:
 
         h = self.handler
         return CacheInfo(
-            zone_key=plan.zone.origin,
-            zone=weakref.ref(plan.zone),
+            zone_key=plan.origin,
+            zone=plan.zone,
             catalog_generation=self.catalog.generation,
             pools=body.pools,
             by_source=by_source and plan.geo is not None,
@@ -433,14 +436,15 @@ class FastPath:
         qname = q.qname.lower()
         key = qname + q.question[len(q.qname) :]
         plan = self.plans.get(key)
-        if plan is not None and plan.zone is not zone:
+        if plan is not None and plan.zone() is not zone:
             plan = None
         if plan is None and not self._admit(key):
             return  # asked once so far: a random-subdomain flood renders nothing
+        ref = weakref.ref(zone)  # one per zone, shared (CPython reuses a plain weakref)
         if geo_calls == 0:
             # no geo name was reached: the same reply for everyone
             if plan is None:
-                self._store(key, _Plan(zone, static=self._render(q, ans, ())))
+                self._store(key, _Plan(ref, zone.origin, static=self._render(q, ans, ())))
             return
         geo = zone.geo.get(qname) if zone.geo else None
         if (
@@ -451,10 +455,10 @@ class FastPath:
         ):
             # geo names reached through a CNAME, per-site CNAMEs: always the full path
             if plan is None:
-                self._store(key, _Plan(zone, slow=True))
+                self._store(key, _Plan(ref, zone.origin, slow=True))
             return
         if plan is None or plan.geo is not geo:
-            plan = _Plan(zone, geo=geo)
+            plan = _Plan(ref, zone.origin, geo=geo)
             self._store(key, plan)
         h = self.handler
         decision = ans.decision

@@ -256,8 +256,8 @@ class Reaper:
     """
 
     def __init__(self, wait_s: float = 30.0) -> None:
-        # how long a retired zone may still be referred to elsewhere (the fast path
-        # drops its plans at the next query; an API call finishes) before it is let go
+        # how long a retired zone may still be referred to elsewhere (a query or an API
+        # call that was reading it finishes) before it is let go
         self.wait_s = wait_s
         self._queue: queue.SimpleQueue[Zone] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
