@@ -810,8 +810,10 @@ def gc_paused(keep: bool = False) -> Iterator[None]:
     is back. Otherwise the next collections walk all of it: after a 1,000,000-record
     zone, a generation-1 pass of 0.86 s and a full one of 0.88 s, each holding the GIL,
     so the UDP receive thread answered nothing for ~1 s during a reload
-    (bench/zones_scale.py). Cyclic garbage of other threads that exists at that instant
-    is frozen with it and never collected, as with the initial load's freeze.
+    (bench/zones_scale.py). Everything else alive at that instant is frozen too: what
+    of it later ends up as cyclic garbage (a finished task in a reference cycle, say)
+    is never collected, as with the initial load's freeze. One freeze per big build or
+    cache load, so what that can hold is bounded by how often big zones change.
     """
     was = gc.isenabled()
     gc.disable()
