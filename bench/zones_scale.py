@@ -403,6 +403,57 @@ def _serial(srv: Server, origin: str) -> int:
     return int(r.answer[0][0].serial) if r.answer else -1
 
 
+def reload_under_dnsperf(
+    rate: int, srv: Server, path: Path, n: int, took: float
+) -> list[tuple[str, str]]:
+    """One more reload of the big zone while dnsperf asks for its names at `rate` QPS
+    (on the last CPU this process may use): lost queries, answer codes, latency."""
+    label = f"{n:,}-record zone: reload under dnsperf -Q {rate:,}"
+    dnsperf = shutil.which("dnsperf")
+    if dnsperf is None:
+        return [(label, "skipped: no dnsperf (`make deb-tools`)")]
+    qfile = path.parent.parent / "dnsperf-queries.txt"
+    step = max(1, n // 5000)
+    qfile.write_text("".join(f"h{i}.big.test. A\n" for i in range(0, n - 10, step)))
+    text3 = big_zone(n, serial=3)
+    seconds = int(took * 2) + 6  # the reload well inside the run, whatever this host's speed
+    cmd = [dnsperf, "-s", "127.0.0.1", "-p", str(srv.port), "-d", str(qfile)]
+    cmd += ["-l", str(seconds), "-Q", str(rate), "-c", "8", "-t", "2"]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1 and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpus[-1]), *cmd]
+    perf = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2.0)
+        t = time.monotonic()
+        write_atomic(path, text3)
+        wait_for(lambda: _serial(srv, "big.test.") == 3, 600, 0.05)
+        took3 = time.monotonic() - t
+        report, _ = perf.communicate(timeout=seconds + 60)
+    finally:
+        if perf.poll() is None:
+            perf.kill()
+            perf.wait()
+
+    def grab(pattern: str) -> str:
+        m = re.search(pattern, report)
+        if m is None:
+            raise RuntimeError(f"dnsperf output without {pattern!r}:\n{report[-2000:]}")
+        return m.group(1)
+
+    sent, lost = int(grab(r"Queries sent:\s+(\d+)")), grab(r"Queries lost:\s+(\d+)")
+    codes = grab(r"Response codes:\s+(.*)").strip()
+    mean = float(grab(r"Average Latency \(s\):\s+([\d.]+)"))
+    worst = float(grab(r"Average Latency \(s\):.*max ([\d.]+)\)"))
+    return [
+        (
+            label,
+            f"reload {took3:.1f} s inside {seconds} s of load: {sent:,} sent, {lost} lost, "
+            f"{codes}; latency mean {mean * 1e3:.1f} ms, max {worst * 1e3:.0f} ms",
+        )
+    ]
+
+
 def big(args: argparse.Namespace, out: Path) -> list[tuple[str, str]]:
     n = args.big
     rows: list[tuple[str, str]] = []
@@ -458,6 +509,8 @@ def big(args: argparse.Namespace, out: Path) -> list[tuple[str, str]]:
         rows.append(
             (f"{n:,}-record zone: RSS after the reload", f"{rss_mib(srv.proc.pid):.0f} MiB")
         )
+        if args.load:
+            rows += reload_under_dnsperf(args.load, srv, path, n, took)
         # the zone cache is written by a background process after the load and the reload
         wait_for(lambda: srv.log.read_text().count("zones compiled for the next") >= 2, 300, 0.5)
     finally:
@@ -510,6 +563,9 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=20, help="single-zone edits to time")
     ap.add_argument("--reloads", type=int, default=200, help="reloads of one zone (memory)")
     ap.add_argument("--out", type=Path, help="work directory (default: a temporary one)")
+    ap.add_argument(
+        "--load", type=int, default=20_000, help="dnsperf -Q during a second big reload (0: skip)"
+    )
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="geodns-zs-"))
     out.mkdir(parents=True, exist_ok=True)
