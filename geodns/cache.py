@@ -70,6 +70,10 @@ class PacketCache:
         self.max_entries = max_entries
         self.udp: dict[bytes, _Entry] = {}
         self.tcp: dict[bytes, _Entry] = {}
+        # questions answered once and not cached yet, per transport (see `_admit`):
+        # plain bytes, so the cyclic collector walks a set, not an entry per question
+        self.seen_udp: set[bytes] = set()
+        self.seen_tcp: set[bytes] = set()
         self.misses = 0
         self.stats = handler.stats
 
@@ -132,6 +136,8 @@ class PacketCache:
         reply, info = self.handler.process(data, addr, transport, turn)
         if reply is None or info is None or len(data) < 12:
             return reply
+        if entry is None and not self._admit(key, transport is _UDP):
+            return reply
         if len(cache) >= self.max_entries:
             cache.clear()  # simple and bounded; a full cache refills in one pass
         if not info.by_source and info.rotations == 1:
@@ -157,6 +163,22 @@ class PacketCache:
         entry.variants[(source, info.turn % info.rotations)] = (reply[2:], info)
         return reply
 
+    def _admit(self, key: bytes, udp: bool) -> bool:
+        """True the second time a question misses (a doorkeeper, as in TinyLFU).
+
+        A flood of names asked once (random subdomains) would otherwise fill the cache
+        with entries never hit again, empty it when full, and leave hundreds of thousands
+        of entry objects for the cyclic collector: full collections of 20-38 ms each,
+        every second or two, with the GIL held (bench/README.md)."""
+        seen = self.seen_udp if udp else self.seen_tcp
+        if key in seen:
+            seen.discard(key)
+            return True
+        if len(seen) >= self.max_entries:
+            seen.clear()
+        seen.add(key)
+        return False
+
     def _revalidate(self, entry: _Entry, changes: int) -> bool:
         """Something was published since the entry was checked: check what it used."""
         if self._valid(entry.info):
@@ -178,3 +200,5 @@ class PacketCache:
     def clear(self) -> None:
         self.udp.clear()
         self.tcp.clear()
+        self.seen_udp.clear()
+        self.seen_tcp.clear()

@@ -100,11 +100,12 @@ def test_cached_reply_equals_full_path(world, transport, name, rtype, ecs, kw) -
     data = query(name, rtype, ecs, **dict(kw))
     addr = ("127.0.0.1", 5300)
     full = handler.handle(data, addr, transport)
-    first = cache.handle(data, addr, transport)
+    first = cache.handle(data, addr, transport)  # answered, remembered (admission)
+    second = cache.handle(data, addr, transport)  # answered, cached
     again_data = b"\x12\x34" + data[2:]
     again = cache.handle(again_data, addr, transport)
     assert cache.hits == 1
-    assert first == full
+    assert first == full and second == full
     assert again == b"\x12\x34" + full[2:]
 
 
@@ -159,12 +160,13 @@ def test_geoip_swap_is_not_served_stale(world) -> None:  # type: ignore[no-untyp
 def test_answers_located_by_source_are_kept_per_source_network(world) -> None:  # type: ignore[no-untyped-def]
     handler, cache, _ = world
     data = query("geo.example.test")  # no ECS: located by the packet source
+    assert addresses(cache.handle(data, ("127.0.1.4", 1), UDP)) == {"198.51.100.10"}  # admission
     assert addresses(cache.handle(data, ("127.0.1.5", 1), UDP)) == {"198.51.100.10"}
     assert addresses(cache.handle(data, ("127.0.2.5", 1), UDP)) == {"198.51.100.20"}
     assert addresses(cache.handle(data, ("127.0.1.9", 1), UDP)) == {"198.51.100.10"}
     assert addresses(cache.handle(data, ("127.0.2.9", 1), UDP)) == {"198.51.100.20"}
     assert cache.hits == 2
-    assert handler.stats.answers_by_site == {"uk": 2, "fra": 2}
+    assert handler.stats.answers_by_site == {"uk": 3, "fra": 2}
 
 
 def test_queries_with_cookies_are_not_cached(world) -> None:  # type: ignore[no-untyped-def]
@@ -213,20 +215,22 @@ def test_hits_are_counted_on_the_entry_and_folded_when_statistics_are_read(world
         cache.handle(geo_q, ("127.0.0.1", 1), UDP)
         cache.handle(www, ("127.0.0.1", 1), UDP)
         cache.handle(www, ("127.0.0.1", 1), TCP)
-    # 1 miss + 4 hits each: the hits wait on their entries until something reads
-    assert sum(info.hits for info in stats.pending) == 12
+    # 2 misses (the first is only remembered) + 3 hits each. What waits on entries
+    # until something reads: the 9 cache hits, and the 2 second misses of www that the
+    # fast path answered (its plan was learned from the UDP and TCP first misses)
+    assert sum(info.hits for info in stats.pending) == 11
     assert stats.ecs_queries == 5  # read first: folds everything
     assert stats.pending == []
     assert stats.queries == {("A", 0, "udp"): 10, ("A", 0, "tcp"): 5}
     assert stats.answers_by_site == {"uk": 5}
     assert stats.pool_offered.get(("web", "uk"), 0) == stats.pool_offered.get(("web", ""), 0)
-    assert cache.hits == 12
+    assert cache.hits == 9
     stats.fold()  # nothing left: no double count
     assert stats.queries == {("A", 0, "udp"): 10, ("A", 0, "tcp"): 5}
     # hits after a fold are counted again
     cache.handle(www, ("127.0.0.1", 1), UDP)
     assert stats.queries[("A", 0, "udp")] == 11
-    assert cache.hits == 13
+    assert cache.hits == 10
 
 
 def test_unread_hits_never_pile_up(world) -> None:  # type: ignore[no-untyped-def]
@@ -238,11 +242,12 @@ def test_unread_hits_never_pile_up(world) -> None:  # type: ignore[no-untyped-de
     stats = handler.stats
     names = [query(f"n{i}.example.test") for i in range(MAX_PENDING + 300)]
     for data in names:
-        cache.handle(data, ("127.0.0.1", 1), UDP)  # miss: NXDOMAIN, cached
+        cache.handle(data, ("127.0.0.1", 1), UDP)  # miss: NXDOMAIN, remembered
+        cache.handle(data, ("127.0.0.1", 1), UDP)  # miss: cached
     for data in names:
         cache.handle(data, ("127.0.0.1", 1), UDP)  # hit
         assert len(stats.pending) < MAX_PENDING
-    assert stats.queries == {("A", 3, "udp"): 2 * len(names)}
+    assert stats.queries == {("A", 3, "udp"): 3 * len(names)}
     assert cache.hits == len(names)
 
 
@@ -277,3 +282,21 @@ def test_an_entry_whose_zone_is_gone_and_now_unloaded_is_not_served(world) -> No
     catalog.set(b"\x07example\x04test\x00", None)
     reply = cache.handle(data, ("127.0.0.1", 1), UDP)
     assert reply is not None and dns.message.from_wire(reply).rcode() == 2  # SERVFAIL
+
+
+def test_a_question_is_cached_the_second_time_it_misses(world) -> None:  # type: ignore[no-untyped-def]
+    """Admission: a flood of names asked once (random subdomains) leaves no entries, only
+    a bounded set of question bytes; a name asked again is cached and hit after that."""
+    _, cache, _ = world
+    cache.max_entries = 100
+    flood = [query(f"r{i}.example.test") for i in range(250)]
+    for data in flood:
+        assert dns.message.from_wire(cache.handle(data, ("127.0.0.1", 1), UDP)).rcode() == 3
+    assert cache.udp == {} and 0 < len(cache.seen_udp) <= 100
+    www = query("www.example.test")
+    cache.handle(www, ("127.0.0.1", 1), UDP)
+    assert cache.udp == {}
+    cache.handle(www, ("127.0.0.1", 1), UDP)
+    assert list(cache.udp) == [www[2:]] and www[2:] not in cache.seen_udp
+    assert addresses(cache.handle(www, ("127.0.0.1", 1), UDP)) >= {"192.0.2.80"}
+    assert cache.hits == 1
