@@ -34,6 +34,9 @@ with a note):
                    event loop's reader instead of a receive thread
   geodns-workers1  `--workers 1`, fixed rate only
   geodns-workers2  `--workers 2`, fixed rate only (both workers share CPU 0 here)
+  gdnsd-flood, geodns-flood  the first fixed rate with half the queries for names
+                   asked once (random subdomains, NXDOMAIN), the other half the mix:
+                   what a random-subdomain flood costs, and its worst latency
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import datetime as dt
 import ipaddress
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -109,10 +113,26 @@ ROWS = [
     "geodns-loop",
     "geodns-workers1",
     "geodns-workers2",
+    "gdnsd-flood",
+    "geodns-flood",
 ]
+FLOOD = "-flood"  # rows on the flood mix (compared with gdnsd-flood)
+FLOOD_LINES = 600_000  # dnsperf lines: no name asked twice within a 10 s run at 40k
 CLOSED = 0  # rate 0 = closed loop
 # rows that switch one [server] key off: config name -> the key
 SWITCHES = {"nofast": "fast_path", "asyncio": "udp_batch", "loop": "udp_thread"}
+
+
+def flood_mix(lines: int) -> str:
+    """dnsperf input: every other query for a name asked once (a random subdomain of
+    example.com: NXDOMAIN), the others the mix; the same names in every run."""
+    rnd = random.Random(9)
+    out = []
+    for i in range(lines):
+        out.append(
+            f"r{rnd.getrandbits(48):012x}.example.com A" if i % 2 else MIX[i // 2 % len(MIX)]
+        )
+    return "\n".join(out) + "\n"
 
 
 def log(msg: str) -> None:
@@ -702,6 +722,8 @@ def plans(args: argparse.Namespace, feat: Features, cfgs: dict[str, Path]) -> li
         out[3].skip = "[rrl] has no enabled / exempt / responses_per_s keys"
     if not feat.no_packet_cache:
         out[4].skip = "`geodns serve` has no --no-packet-cache flag yet"
+    out.append(Plan("gdnsd-flood", [], [args.rates[0]], "gdnsd, the flood mix"))
+    out.append(Plan("geodns-flood", geodns("base"), [args.rates[0]], "geodns, the flood mix"))
     for n in (1, 2):
         w = Plan(f"geodns-workers{n}", geodns("base", "--workers", str(n)), [args.rates[0]], "")
         w.what = f"--workers {n} (SO_REUSEPORT processes, all on the server CPU)"
@@ -716,7 +738,7 @@ def run_plan(
 ) -> tuple[list[Run], list[str]]:
     notes: list[str] = []
     port = free_port()
-    if plan.row == "gdnsd":
+    if plan.row.startswith("gdnsd"):
         argv = [args.gdnsd, "-c", str(gdnsd_dir), "start"]
         (gdnsd_dir / "config").write_text(
             re.sub(r'"127\.0\.0\.1:\d+"', f'"127.0.0.1:{port}"', (gdnsd_dir / "config").read_text())
@@ -727,7 +749,7 @@ def run_plan(
     server = start_server(plan.row, argv, port, root, args.server_cpu)
     runs: list[Run] = []
     try:
-        if plan.row != "gdnsd":
+        if not plan.row.startswith("gdnsd"):
             with contextlib.suppress(OSError):
                 m = re.search(r"event loop: (\w+)", server.log_path.read_text())
                 if m:
@@ -736,7 +758,10 @@ def run_plan(
         for p in problems:
             notes.append(f"{plan.row}: WRONG ANSWER {p}")
         log(f"{plan.row}: answers {'DIFFER: ' + '; '.join(problems) if problems else 'ok'}")
-        dnsperf(server, queries, args.ecs, args.warmup, CLOSED, args)  # warm-up, not counted
+        # warm-up, not counted; a flood row warms up on the plain mix, so that its
+        # measured run (dnsperf starts at the top of the file) asks each name once
+        warm = queries.with_name("queries.txt") if plan.row.endswith(FLOOD) else queries
+        dnsperf(server, warm, args.ecs, args.warmup, CLOSED, args)
         for rate in plan.rates:
             if args.wait_idle:
                 wait_idle(args)
@@ -765,14 +790,14 @@ def least_disturbed(runs: list[Run]) -> list[Run]:
 
 
 def table(runs: list[Run]) -> str:
-    ref = {r.rate: r for r in runs if r.row == "gdnsd"}
+    ref = {(r.row.endswith(FLOOD), r.rate): r for r in runs if r.row.startswith("gdnsd")}
     lines = [
         "| row | load | QPS | CPU µs/query | server CPU | mean ms | max ms | lost | vs gdnsd "
         "| other load |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
-        g = ref.get(r.rate)
+        g = ref.get((r.row.endswith(FLOOD), r.rate))
         if g is None:
             ratio = "–"
         elif r.rate == CLOSED:
@@ -819,7 +844,7 @@ def find_tools(args: argparse.Namespace) -> None:
     missing = []
     args.dnsperf = shutil.which("dnsperf")
     args.gdnsd = shutil.which("gdnsd") or shutil.which("gdnsd", path="/usr/sbin:/usr/local/sbin")
-    needs_gdnsd = not args.only or "gdnsd" in args.only
+    needs_gdnsd = not args.only or any(r.startswith("gdnsd") for r in args.only)
     if args.dnsperf is None:
         missing.append("dnsperf")
     if args.gdnsd is None and needs_gdnsd:
@@ -923,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
             gdnsd_dir = write_gdnsd(root, 0, mmdb)
             queries = root / "queries.txt"
             queries.write_text("\n".join(MIX) + "\n")
+            flood = root / "flood.txt"
+            flood.write_text(flood_mix(FLOOD_LINES))
             todo = plans(args, feat, cfgs)
             for plan in todo:
                 if plan.skip:
@@ -935,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"-- round {rnd + 1} of {args.repeat}")
                 for plan in todo:
                     try:
-                        got, extra = run_plan(plan, args, root, queries, gdnsd_dir)
+                        mix = flood if plan.row.endswith(FLOOD) else queries
+                        got, extra = run_plan(plan, args, root, mix, gdnsd_dir)
                     except RuntimeError as exc:
                         notes.append(f"{plan.row}: FAILED, {str(exc).splitlines()[0]}")
                         log(f"{plan.row}: FAILED: {exc}")
