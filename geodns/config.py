@@ -90,7 +90,11 @@ class ServerConfig:
         "false: the event loop's reader",
         True,
     )
-    packet_cache_size: int = _doc("cached replies per transport; a full cache is emptied", 100000)
+    packet_cache_size: int = _doc(
+        "cached replies per transport (a question is cached the second time it misses); "
+        "a full cache is emptied",
+        100000,
+    )
     workers: int = _doc(
         "DNS worker processes (SO_REUSEPORT); 1 = this process serves DNS itself", 1
     )
