@@ -71,10 +71,13 @@ def _find_cut(zone: Zone, name: bytes) -> tuple[bytes | None, bytes | None]:
     """
     if not zone.cuts and not zone.dnames:
         return None, None
+    origin = zone.origin
+    if name != origin and origin in zone.dnames:
+        # a DNAME at the apex (RFC 6672 §2.3 allows it) redirects every name below it
+        return None, origin
     highest_cut = None
     highest_dname = None
     p = name
-    origin = zone.origin
     while p != origin and len(p) > len(origin):
         if p in zone.cuts:
             highest_cut, highest_dname = p, None

@@ -601,6 +601,13 @@ def build_zone(
                     )
                     break
                 parent = above
+            else:
+                if key != origin_wire and origin_wire in dnames:
+                    where = _where(next(iter(types.values())))
+                    problems.append(
+                        f"{where}: {wire_to_text(key)} is occluded by the DNAME at the "
+                        f"apex (RFC 6672 §2.4)"
+                    )
         if DS in types and key not in cuts:
             problems.append(
                 f"{_where(types[DS])}: DS at {wire_to_text(key)}, which is not a delegation point"

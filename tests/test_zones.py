@@ -73,6 +73,11 @@ BROKEN = [
     ("empty", "", "t.test.zone:1: empty zone file"),
     ("truncated", HEAD + "www IN A 192.0.2.2\nmx IN MX 10 (\n", "t.test.zone:"),
     ("missing-include", HEAD + "$INCLUDE nothere.inc\n", "nothere.inc"),
+    (
+        "dname-apex-occludes",
+        HEAD + "@ IN DNAME example.net.\nwww IN A 192.0.2.2\n",
+        "t.test.zone:7: www.t.test. is occluded by the DNAME at the apex (RFC 6672 §2.4)",
+    ),
 ]
 
 
