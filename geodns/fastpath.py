@@ -50,7 +50,7 @@ from .model import IPAddress, Location, Tally, client_prefix
 from .rrl import Action, response_kind
 from .view import GeoState
 from .wire import _parse_opt
-from .zones import AAAA, ANY, CNAME, A, GeoName, Zone
+from .zones import AAAA, ANY, CNAME, DS, OPT, A, GeoName, Zone
 
 if TYPE_CHECKING:
     from .handler import CacheInfo, Handler
@@ -165,6 +165,41 @@ def _heads(flags: int, counts: tuple[int, int, int, int]) -> tuple[list[bytes], 
     return head, head_opt
 
 
+def _clear_above(qname: bytes, offsets: list[int], apex: int, zone: Zone) -> bool:
+    """For an absent name: no delegation point or DNAME between it and the apex (a
+    DNAME at the apex counts), no wildcard at its closest encloser, and no name in the
+    SOA's RDATA that the encoder could compress against the name above the apex."""
+    cuts, dnames, nodes = zone.cuts, zone.dnames, zone.nodes
+    closest = zone.origin
+    for at in offsets:
+        if 0 < at < apex:
+            above = qname[at:]
+            if above in cuts or above in dnames:
+                return False
+            if closest is zone.origin and above in nodes:
+                closest = above  # the longest existing ancestor (RFC 4592 §3.3.1)
+    if dnames and zone.origin in dnames:
+        return False
+    if zone.wildcards and b"\x01*" + closest in nodes:
+        return False
+    return not _soa_points_into(zone, qname, apex)
+
+
+def _soa_points_into(zone: Zone, qname: bytes, apex: int) -> bool:
+    """True when a name in the SOA's RDATA ends in a part of qname longer than its apex,
+    so the full path's encoder would point into the name's own labels."""
+    parts = zone.soa.parts
+    if not parts:
+        return False
+    targets = [n.lower() for n in parts[0][1]]
+    at = 0
+    while at < apex:
+        if any(t.endswith(qname[at:]) for t in targets):
+            return True
+        at += qname[at] + 1
+    return False
+
+
 class FastPath:
     """Pre-rendered answers for a Handler; see the module docstring."""
 
@@ -172,6 +207,8 @@ class FastPath:
         self.handler = handler
         self.catalog = handler.holder.view.catalog
         self.plans: dict[bytes, _Plan] = {}
+        # NXDOMAIN per (zone origin, offset of the apex in the name, qtype): see _negative
+        self.negative: dict[tuple[bytes, int, int], _Plan] = {}
         self.seen: set[bytes] = set()  # questions learned once (see _admit)
         self.stamp = self.catalog.zone_changes
         self.opts: dict[bytes, _Opt] = {}  # _REJECT: the full path answers
@@ -203,6 +240,7 @@ class FastPath:
             return MISS
         if self.catalog.zone_changes != self.stamp:
             self.plans.clear()
+            self.negative.clear()
             self.stamp = self.catalog.zone_changes
         # plans are kept under the question with its name in lower case: a body does not
         # depend on the case of the question (names in it point at the question, which
@@ -210,7 +248,11 @@ class FastPath:
         plan = self.plans.get(data[12:end]) or self.plans.get(
             data[12 : end - 4].lower() + data[end - 4 : end]
         )
-        if plan is None or plan.slow:
+        if plan is None:
+            plan = self._negative(data, end)  # a name the zone does not have
+            if plan is None:
+                return MISS
+        elif plan.slow:
             return MISS
         h = self.handler
         opt: _Opt | None = None
@@ -430,6 +472,7 @@ class FastPath:
         catalog = self.catalog
         if catalog.zone_changes != self.stamp:
             self.plans.clear()
+            self.negative.clear()
             self.stamp = catalog.zone_changes
         if catalog.zones.get(zone.origin) is not zone:
             return  # replaced while this query was answered
@@ -502,6 +545,97 @@ class FastPath:
         if len(plan.bodies) >= MAX_CLIENTS:
             plan.bodies.clear()
         plan.bodies[bkey] = body
+
+    def _negative(self, data: bytes, end: int) -> _Plan | None:
+        """NXDOMAIN for a name a zone does not have, without a plan per name.
+
+        A flood of random subdomains asks each name once, so no plan is ever learned for
+        one, and each went through the full path (decode, resolve, encode). The reply
+        does not depend on the name beyond where the zone's apex starts in it (RFC 2308
+        §2.1: AA, NXDOMAIN, the zone's SOA in the authority section with the negative
+        TTL), as long as compression cannot reach into the rest of the name: the body is
+        rendered once per (zone, apex offset, qtype) by the full path's encoder for a
+        stand-in name, and replayed for a name only when nothing else can apply to it:
+        class IN, an ordinary type (not ANY, DS, OPT or a meta type), the
+        longest-matching zone loaded, the name absent and not a geo name, no delegation
+        or DNAME above it up to the apex (RFC 6672 §2.3), no wildcard at its closest
+        encloser (RFC 4592 §3.3.1), and no name in the SOA's RDATA ending in a part of
+        the name longer than the apex (the encoder would point there, RFC 1035 §4.1.4).
+        Anything else is left to the full path."""
+        if data[end - 2 : end] != b"\x00\x01":
+            return None
+        qtype = int.from_bytes(data[end - 4 : end - 2], "big")
+        if qtype in (0, OPT, DS) or qtype >= 128:
+            return None
+        qname = data[12 : end - 4].lower()
+        size = len(qname)
+        if size > 255:
+            return None
+        offsets = []
+        at = 0
+        while at < size - 1:
+            n = qname[at]
+            if n > 63:
+                return None
+            offsets.append(at)
+            at += n + 1
+        if at != size - 1:
+            return None  # a zero octet inside a label: the full path says FORMERR
+        found, zone = self.catalog.find(qname, tuple(offsets), qtype)
+        if not found or zone is None:
+            return None
+        nodes = zone.nodes
+        if qname in nodes or (zone.geo and qname in zone.geo):
+            return None
+        apex = size - len(zone.origin)
+        if apex <= 0 or not _clear_above(qname, offsets, apex, zone):
+            return None
+        key = (zone.origin, apex, qtype)
+        plan = self.negative.get(key)
+        if plan is None or plan.zone() is not zone:
+            plan = self._nxdomain(zone, apex, qtype)
+            if plan is None:
+                return None
+            if len(self.negative) >= MAX_PLANS:
+                self.negative.clear()
+            self.negative[key] = plan
+        return plan if plan.static is not None else None
+
+    def _nxdomain(self, zone: Zone, apex: int, qtype: int) -> _Plan | None:
+        """The NXDOMAIN plan for names whose apex starts at `apex`: the full path's
+        reply for a stand-in name of labels of 0xff octets (a plan with no body when
+        the full path says anything else, so it is not asked again)."""
+        from .resolver import resolve
+        from .wire import decode_query
+
+        labels = b""
+        left = apex
+        while left:
+            n = min(63, left - 1)
+            if left - (n + 1) == 1:
+                n -= 1  # a lone octet cannot be a label: leave two
+            labels += bytes((n,)) + b"\xff" * n
+            left -= n + 1
+        qname = labels + zone.origin
+        ref = weakref.ref(zone)
+        wire = b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname
+        q = decode_query(wire + qtype.to_bytes(2, "big") + b"\x00\x01")
+        if q is None or _soa_points_into(zone, qname, apex):
+            return _Plan(ref, zone.origin)
+        h = self.handler
+        ans = resolve(
+            h.holder.view,
+            q.qname,
+            q.qname.lower(),
+            q.label_offsets,
+            qtype,
+            True,
+            None,
+            h.settings.max_cname_chain,
+        )
+        if ans.rcode != 3 or ans.zone is not zone or not ans.aa:
+            return _Plan(ref, zone.origin)
+        return _Plan(ref, zone.origin, static=self._render(q, ans, ()))
 
     def _admit(self, key: bytes) -> bool:
         """True the second time a question is learned (a doorkeeper, as in TinyLFU):

@@ -187,8 +187,14 @@ def names() -> list[str]:
             i += key[i] + 1
         out.append(".".join(labels) + ".")
     extra = ["geo", "geo6", "lb", "cap", "cidr", "shuf", "cdn", "togeo", "nx", "x.wild", "a.dn"]
+    # names the zone does not have (the NXDOMAIN bodies per apex offset), and absent names
+    # where something else applies: under an existing name, under the names of the SOA's
+    # RDATA (compression into the name), under a wildcard's parent, a cut, a DNAME
+    extra += ["r1", "rr2", "deep.r3", "a.b.c.d.e.f", "x" * 63 + ".y", "x.www", "x.ns1"]
+    extra += ["y.x.ns1", "z.hostmaster", "q.sub.wild", "w.x.wild", "x.child", "q.a.dn"]
+    extra += ["q.dnout", "x.sibling", "x.cnamewild", "*.nx", "x.*.wild"]
     out += [f"{n}.example.test." for n in extra]
-    return [*out, "www.example.org.", "example.test."]
+    return [*out, "www.example.org.", "example.test.", "nope.example.org."]
 
 
 TYPES = ["A", "AAAA", "MX", "TXT", "NS", "SOA", "CNAME", "SRV", "ANY", "DS"]
@@ -341,10 +347,11 @@ def test_the_common_queries_are_replayed(world: World) -> None:
         assert addrs(ask(h, "geo.example.test", src="127.0.2.7")) == {"198.51.100.20"}
         assert ask(h, "nx.example.test").rcode() == 3
         assert addrs(ask(h, "www.example.test")) == {"192.0.2.80", "192.0.2.81"}
-    # round 1: the full path answers all five (each question seen once); round 2: the
-    # geo question is learned on its first client and replayed for the other two, the
-    # other questions are learned; round 3: all five replayed
-    assert replayed(h) == 2 + 5
+    # round 1: the full path answers four (each question seen once), the NXDOMAIN is
+    # replayed from the zone's negative body; round 2: the geo question is learned on
+    # its first client and replayed for the other two, the other questions are learned,
+    # the NXDOMAIN replayed; round 3: all five replayed
+    assert replayed(h) == 1 + 3 + 5
 
 
 def test_zone_reload_is_not_replayed_stale(world: World) -> None:
@@ -559,17 +566,38 @@ def test_one_plan_serves_every_0x20_variant(world: World) -> None:
 
 def test_questions_asked_once_render_nothing(world: World) -> None:
     """A random-subdomain flood (every name new) never pays for rendering: a plan is
-    made the second time a question is answered, and the tables stay bounded."""
+    made the second time a question is answered, and the tables stay bounded. Names
+    the zone does not have are answered from one negative body per apex offset."""
     h = world.fast
     assert h.fast is not None
     for i in range(500):
         assert ask(h, f"r{i}.example.test").rcode() == 3
+        assert ask(h, f"r{i}.example.test", "MX").rcode() == 3
     assert h.fast.plans == {}
-    assert len(h.fast.seen) == 500
-    for _ in range(3):
-        assert ask(h, "r7.example.test").rcode() == 3
-    assert list(h.fast.plans) == [b"\x02r7\x07example\x04test\x00\x00\x01\x00\x01"]
-    assert replayed(h) == 2
+    assert h.fast.seen == set()  # never went to the full path
+    # r0-r9, r10-r99, r100-r499: three apex offsets, two types
+    assert sorted(k[1:] for k in h.fast.negative) == [
+        (3, 1),
+        (3, 15),
+        (4, 1),
+        (4, 15),
+        (5, 1),
+        (5, 15),
+    ]
+    assert replayed(h) == 1000  # each body rendered for a stand-in name, then replayed
+    m = ask(h, "r7.example.test")
+    f = ask(world.full, "r7.example.test")
+    assert (m.flags, m.rcode(), m.answer, m.authority) == (
+        f.flags,
+        f.rcode(),
+        f.answer,
+        f.authority,
+    )
+    assert m.flags & dns.flags.AA
+    assert [rr.to_text() for rr in m.authority] == [
+        "example.test. 300 IN SOA ns1.example.test. hostmaster.example.test. "
+        "2026112501 7200 3600 1209600 300"
+    ]
 
 
 def test_clients_with_the_same_decision_share_one_rendered_answer(world: World) -> None:
@@ -607,3 +635,23 @@ def test_answers_are_tallied_on_their_bodies_and_never_pile_up(world: World) -> 
     assert fast.fast.hits >= len(names)
     assert fast.stats.queries == {("A", 3, "udp"): 3 * len(names)}
     assert stats_of(fast) == stats_of(full)
+
+
+def test_a_dname_at_the_apex_is_never_answered_nxdomain(world: World) -> None:
+    """RFC 6672 §2.3: a DNAME at a zone's apex redirects every name below it, so an
+    absent name there is the full path's answer (the DNAME), not the negative body."""
+    path = world.tmp / "dnapex.test.zone"
+    path.write_text(
+        "$ORIGIN dnapex.test.\n$TTL 300\n@ IN SOA ns1.example.test. h.example.test. 1 2 3 4 5\n"
+        "@ IN NS ns1.example.test.\n@ IN DNAME example.test.\n"
+    )
+    zone = parse_zone(path)
+    world.holder.view.catalog.set(zone.origin, zone)
+    for name in ("r1.dnapex.test", "www.dnapex.test", "a.b.dnapex.test"):
+        for _ in range(2):
+            m = ask(world.fast, name)
+            f = ask(world.full, name)
+            assert (m.rcode(), m.answer, m.authority) == (f.rcode(), f.answer, f.authority)
+            assert m.rcode() != 3 and any(rr.rdtype == dns.rdatatype.DNAME for rr in m.answer)
+    assert world.fast.fast is not None
+    assert not any(k[0] == zone.origin for k in world.fast.fast.negative)
