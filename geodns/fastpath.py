@@ -17,6 +17,9 @@ the only place that decides what an answer is. The fast path only replays it:
   that reaches a geo name keeps one body per geo decision ("per site set"); anything
   more involved (a CNAME chain through geo names, per-site CNAMEs, shuffled answers,
   answers from the zone file's record when geo has no answer) is marked `slow`.
+- **Names a zone does not have** get NXDOMAIN from one body per (zone, apex offset,
+  qtype) instead of a plan per name, so a random-subdomain flood is replayed too
+  (`_negative`, with the cases it leaves to the full path).
 - **Geo.** The client is located by the ECS address, or by the packet source when the
   query has no usable ECS (RFC 7871 §7.1.2), exactly as `handler.client_address` does;
   a geo answer for a special-purpose ECS address (RFC 7871 §11.3) is left to the full
