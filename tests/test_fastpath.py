@@ -33,7 +33,7 @@ from geodns.handler import Handler, Settings
 from geodns.model import Health, Override, SiteState, Transport
 from geodns.rrl import RateLimiter
 from geodns.view import Catalog, GeoState, View, ViewHolder, next_version
-from geodns.zones import parse_zone
+from geodns.zones import Zone, parse_zone
 from tests.mmdb_util import city_record, write_test_mmdb
 from tests.serverutil import write_config
 
@@ -368,17 +368,25 @@ def test_zone_reload_is_not_replayed_stale(world: World) -> None:
     assert replayed(h) == 2
 
 
+def publish(world: World, origin: str, body: str) -> Zone:
+    """Write `origin`'s zone file (body after $ORIGIN) and publish it."""
+    path = world.tmp / f"{origin}.zone"
+    path.write_text(f"$ORIGIN {origin}.\n{body}")
+    zone = parse_zone(path)
+    world.holder.view.catalog.set(zone.origin, zone)
+    return zone
+
+
 def test_zone_added_below_is_not_replayed_stale(world: World) -> None:
     h = world.fast
     for _ in range(2):
         assert ask(h, "x.sub.example.test").rcode() == 3
-    child = world.tmp / "sub.example.test.zone"
-    child.write_text(
-        "$ORIGIN sub.example.test.\n@ 60 IN SOA ns host 1 2 3 4 5\n"
-        "@ 60 IN NS ns\nns 60 IN A 192.0.2.9\nx 60 IN A 192.0.2.99\n"
+    zone = publish(
+        world,
+        "sub.example.test",
+        "@ 60 IN SOA ns host 1 2 3 4 5\n@ 60 IN NS ns\nns 60 IN A 192.0.2.9\n"
+        "x 60 IN A 192.0.2.99\n",
     )
-    zone = parse_zone(child)
-    world.holder.view.catalog.set(zone.origin, zone)
     assert addrs(ask(h, "x.sub.example.test")) == {"192.0.2.99"}
     world.holder.view.catalog.remove(zone.origin)
     assert ask(h, "x.sub.example.test").rcode() == 3
@@ -640,13 +648,12 @@ def test_answers_are_tallied_on_their_bodies_and_never_pile_up(world: World) -> 
 def test_a_dname_at_the_apex_is_never_answered_nxdomain(world: World) -> None:
     """RFC 6672 §2.3: a DNAME at a zone's apex redirects every name below it, so an
     absent name there is the full path's answer (the DNAME), not the negative body."""
-    path = world.tmp / "dnapex.test.zone"
-    path.write_text(
-        "$ORIGIN dnapex.test.\n$TTL 300\n@ IN SOA ns1.example.test. h.example.test. 1 2 3 4 5\n"
-        "@ IN NS ns1.example.test.\n@ IN DNAME example.test.\n"
+    zone = publish(
+        world,
+        "dnapex.test",
+        "$TTL 300\n@ IN SOA ns1.example.test. h.example.test. 1 2 3 4 5\n"
+        "@ IN NS ns1.example.test.\n@ IN DNAME example.test.\n",
     )
-    zone = parse_zone(path)
-    world.holder.view.catalog.set(zone.origin, zone)
     for name in ("r1.dnapex.test", "www.dnapex.test", "a.b.dnapex.test"):
         for _ in range(2):
             m = ask(world.fast, name)
