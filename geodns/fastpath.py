@@ -242,9 +242,7 @@ class FastPath:
         if end < 17 or end > len(data):
             return MISS
         if self.catalog.zone_changes != self.stamp:
-            self.plans.clear()
-            self.negative.clear()
-            self.stamp = self.catalog.zone_changes
+            self._forget()
         # plans are kept under the question with its name in lower case: a body does not
         # depend on the case of the question (names in it point at the question, which
         # is echoed as sent), so one plan serves every 0x20 variant
@@ -474,9 +472,7 @@ class FastPath:
             return
         catalog = self.catalog
         if catalog.zone_changes != self.stamp:
-            self.plans.clear()
-            self.negative.clear()
-            self.stamp = catalog.zone_changes
+            self._forget()
         if catalog.zones.get(zone.origin) is not zone:
             return  # replaced while this query was answered
         qname = q.qname.lower()
@@ -548,6 +544,12 @@ class FastPath:
         if len(plan.bodies) >= MAX_CLIENTS:
             plan.bodies.clear()
         plan.bodies[bkey] = body
+
+    def _forget(self) -> None:
+        """A zone was published or removed: every plan and NXDOMAIN body may be stale."""
+        self.plans.clear()
+        self.negative.clear()
+        self.stamp = self.catalog.zone_changes
 
     def _negative(self, data: bytes, end: int) -> _Plan | None:
         """NXDOMAIN for a name a zone does not have, without a plan per name.
