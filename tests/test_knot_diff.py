@@ -1,8 +1,9 @@
 """Differential test: geodns and Knot DNS serve the same zone file and must agree.
 
 Knot DNS 3.2 (Debian package `knot`; `make deb-tools` installs it) is started once per
-module on a free loopback port from a copy of tests/zones/example.test.zone; geodns is
-started once in-process from another copy. For every owner name in the zone (plus
+module on a free loopback port from a copy of tests/zones/example.test.zone (and a small
+second zone, dnapex.test, with a DNAME at its apex); geodns is started once in-process
+from another copy. For every owner name in the zone (plus
 nonexistent names, names below the delegation and the DNAMEs, and 0x20-mixed case) x
 every type, over UDP with EDNS (payload 1232) and without EDNS, and for a sample of names
 over TCP, the replies must agree on:
@@ -57,6 +58,13 @@ from tests.serverutil import Running, serve_files
 
 ZONE_FILE = Path(__file__).resolve().parent / "zones" / "example.test.zone"
 ORIGIN = dns.name.from_text("example.test.")
+# a second zone whose apex holds a DNAME (RFC 6672 §2.3): every name below it redirects
+APEX_DNAME_ZONE = """$ORIGIN dnapex.test.
+$TTL 300
+@ IN SOA ns1.example.test. hostmaster.example.test. 1 7200 3600 1209600 300
+@ IN NS ns1.example.test.
+@ IN DNAME elsewhere.invalid.
+"""
 KNOTD = shutil.which("knotd") or next(
     (p for p in ("/usr/sbin/knotd", "/usr/local/sbin/knotd") if Path(p).exists()), None
 )
@@ -90,6 +98,10 @@ EXTRA_NAMES = [
     "q.dn.example.test",
     "a.q.dnout.example.test",
     "b.c.example.test",
+    # below a DNAME at the apex of the other zone, and that apex itself
+    "dnapex.test",
+    "www.dnapex.test",
+    "A.b.DnApEx.test",
     "c.example.test",
     # 0x20-mixed case: the answers must not depend on the case of the query
     "WwW.ExAmPlE.TeSt",
@@ -198,23 +210,26 @@ template:
     semantic-checks: on
 zone:
   - domain: example.test
+  - domain: dnapex.test
 """
 
 
 def _knot_ready(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
-    q = dns.message.make_query("example.test.", "SOA")
-    while time.monotonic() < deadline:
+    waiting = ["example.test.", "dnapex.test."]
+    while waiting and time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
+        q = dns.message.make_query(waiting[0], "SOA")
         try:
             r = dns.query.udp(q, "127.0.0.1", port=port, timeout=0.2)
         except (dns.exception.Timeout, OSError):
             time.sleep(0.05)
             continue
         if r.rcode() == dns.rcode.NOERROR and r.answer:
-            return True
+            waiting.pop(0)
+            continue
         time.sleep(0.05)  # started, zone not loaded yet (SERVFAIL)
-    return False
+    return not waiting
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +240,7 @@ def knot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     for sub in ("run", "db", "zones"):
         (tmp / sub).mkdir()
     shutil.copy(ZONE_FILE, tmp / "zones" / "example.test.zone")
+    (tmp / "zones" / "dnapex.test.zone").write_text(APEX_DNAME_ZONE)
     log = tmp / "knotd.log"
     for _attempt in range(5):
         port = free_port()
@@ -256,7 +272,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def geodns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp("geodns")
-    with serve_files(tmp, {"example.test.zone": ZONE_FILE.read_text()}) as running:
+    files = {"example.test.zone": ZONE_FILE.read_text(), "dnapex.test.zone": APEX_DNAME_ZONE}
+    with serve_files(tmp, files) as running:
         yield running
 
 
@@ -404,7 +421,7 @@ def test_same_answer_as_knot(
 def no_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """geodns without the packet cache: a repeated question comes from the fast path."""
     tmp = tmp_path_factory.mktemp("geodns-fast")
-    files = {"example.test.zone": ZONE_FILE.read_text()}
+    files = {"example.test.zone": ZONE_FILE.read_text(), "dnapex.test.zone": APEX_DNAME_ZONE}
     with serve_files(tmp, files, "[server]\npacket_cache = false\n") as running:
         yield running
 
