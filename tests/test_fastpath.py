@@ -581,8 +581,8 @@ def test_questions_asked_once_render_nothing(world: World) -> None:
     for i in range(500):
         assert ask(h, f"r{i}.example.test").rcode() == 3
         assert ask(h, f"r{i}.example.test", "MX").rcode() == 3
-    assert h.fast.plans == {}
-    assert h.fast.seen == set()  # never went to the full path
+    assert h.fast.plans == {}  # each question remembered once, nothing stored per name
+    assert len(h.fast.seen) == 1000
     # r0-r9, r10-r99, r100-r499: three apex offsets, two types
     assert sorted(k[1:] for k in h.fast.negative) == [
         (3, 1),
@@ -606,6 +606,10 @@ def test_questions_asked_once_render_nothing(world: World) -> None:
         "example.test. 300 IN SOA ns1.example.test. hostmaster.example.test. "
         "2026112501 7200 3600 1209600 300"
     ]
+    # asked twice: the negative body is kept under the question too (one lookup)
+    key = b"\x02r7\x07example\x04test\x00\x00\x01\x00\x01"
+    assert list(h.fast.plans) == [key]
+    assert h.fast.plans[key] is h.fast.negative[(b"\x07example\x04test\x00", 3, 1)]
 
 
 def test_clients_with_the_same_decision_share_one_rendered_answer(world: World) -> None:
