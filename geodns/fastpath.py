@@ -52,7 +52,7 @@ from .errors import FormError
 from .model import IPAddress, Location, Tally, client_prefix
 from .rrl import Action, response_kind
 from .view import GeoState
-from .wire import _parse_opt
+from .wire import _parse_opt, _parse_qname
 from .zones import AAAA, ANY, CNAME, DS, OPT, A, GeoName, Zone
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def _heads(flags: int, counts: tuple[int, int, int, int]) -> tuple[list[bytes], 
     return head, head_opt
 
 
-def _clear_above(qname: bytes, offsets: list[int], apex: int, zone: Zone) -> bool:
+def _clear_above(qname: bytes, offsets: tuple[int, ...], apex: int, zone: Zone) -> bool:
     """For an absent name: no delegation point or DNAME between it and the apex (a
     DNAME at the apex counts), no wildcard at its closest encloser, and no name in the
     SOA's RDATA that the encoder could compress against the name above the apex."""
@@ -579,19 +579,13 @@ class FastPath:
             return None
         qname = data[12 : end - 4].lower()
         size = len(qname)
-        if size > 255:
+        try:
+            stop, offsets = _parse_qname(qname, 0)  # the decoder's own checks
+        except FormError:
             return None
-        offsets = []
-        at = 0
-        while at < size - 1:
-            n = qname[at]
-            if n > 63:
-                return None
-            offsets.append(at)
-            at += n + 1
-        if at != size - 1:
+        if stop != size:
             return None  # a zero octet inside a label: the full path says FORMERR
-        found, zone = self.catalog.find(qname, tuple(offsets), qtype)
+        found, zone = self.catalog.find(qname, offsets, qtype)
         if not found or zone is None:
             return None
         nodes = zone.nodes
@@ -604,14 +598,12 @@ class FastPath:
         plan = self.negative.get(key)
         if plan is None or plan.zone() is not zone:
             plan = self._nxdomain(zone, apex, qtype)
-            if plan is None:
-                return None
             if len(self.negative) >= MAX_PLANS:
                 self.negative.clear()
             self.negative[key] = plan
         return plan if plan.static is not None else None
 
-    def _nxdomain(self, zone: Zone, apex: int, qtype: int) -> _Plan | None:
+    def _nxdomain(self, zone: Zone, apex: int, qtype: int) -> _Plan:
         """The NXDOMAIN plan for names whose apex starts at `apex`: the full path's
         reply for a stand-in name of labels of 0xff octets (a plan with no body when
         the full path says anything else, so it is not asked again)."""
