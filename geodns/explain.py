@@ -18,7 +18,7 @@ from . import geo
 from .handler import QTYPE_NAMES, Decide, client_address
 from .model import Decision, IPAddress, IPNetwork, Location, SiteState
 from .view import GeoState, View
-from .wire import ClientSubnet
+from .wire import ClientSubnet, _parse_qname
 from .zones import AAAA, CNAME, A, Zone, is_subdomain, name_to_wire, wire_to_text
 
 __all__ = ["ExplainError", "explain", "parse_qtype"]
@@ -144,7 +144,7 @@ def explain(
         "trace": [],
     }
 
-    offsets = _label_offsets(qname)
+    _, offsets = _parse_qname(qname, 0)  # a valid name (name_to_wire): the decoder's offsets
     found, zone = view.catalog.find(qname, offsets, code)
     if not found:
         out["outcome"] = "REFUSED: not in any zone served here"
@@ -253,16 +253,6 @@ def _follow_cnames(
         seen.add(target)
         name = target
     return name, chain
-
-
-def _label_offsets(wire: bytes) -> tuple[int, ...]:
-    """Start of every label of an uncompressed wire name (what the decoder records)."""
-    offsets: list[int] = []
-    i = 0
-    while wire[i]:
-        offsets.append(i)
-        i += wire[i] + 1
-    return tuple(offsets)
 
 
 def _geo_name(g: Any) -> dict[str, Any]:
