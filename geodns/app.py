@@ -338,6 +338,14 @@ class App:
             log.error("reload: config rejected, the running one stays: %s", p)
         report = await self.reloader.reload_all()
         await asyncio.to_thread(self.reload_geoip)
+        log.info(
+            "reload: config %s; zones: %d loaded, %d failed, %d removed, %d unchanged",
+            "rejected" if problems else "read",
+            len(report.loaded),
+            len(report.failed),
+            len(report.removed),
+            len(report.unchanged),
+        )
         return {
             "config_errors": problems,
             "loaded": report.loaded,

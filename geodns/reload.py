@@ -47,6 +47,7 @@ from typing import Any
 
 from .errors import ZoneError
 from .model import Pool
+from .policytests import TESTS_SUFFIX
 from .view import Catalog
 from .zonecache import ZoneCache, cacheable
 from .zones import (
@@ -110,24 +111,44 @@ class ReloadCounters:
 
 
 def _digest(zone_path: Path) -> str:
-    """Content hash of a zone file and its geo overlay (what the zone is built from)."""
+    """Content hash of a zone file, its geo overlay and its policy tests: what the zone
+    is built from and checked against (an edit of any of them is a new version)."""
     h = hashlib.sha256(zone_path.read_bytes())
-    geo = _geo_path(zone_path)
-    if geo.exists():
-        h.update(b"\0geo\0" + geo.read_bytes())
+    _hash_companions(h, str(zone_path))
     return h.hexdigest()
+
+
+def _hash_companions(h: Any, zone_path: str) -> bool:
+    """Add the geo overlay and the tests file of a zone to its hash; True if it has an
+    overlay. Raises OSError if one exists but cannot be read."""
+    base = zone_path[: -len(ZONE_SUFFIX)]
+    has_geo = False
+    for tag, suffix in ((b"geo", GEO_SUFFIX), (b"tests", TESTS_SUFFIX)):
+        try:
+            with open(base + suffix, "rb") as f:
+                h.update(b"\0" + tag + b"\0" + f.read())
+        except FileNotFoundError:
+            continue
+        has_geo = has_geo or suffix == GEO_SUFFIX
+    return has_geo
 
 
 def _geo_path(zone_path: Path) -> Path:
     return zone_path.with_name(zone_path.name[: -len(ZONE_SUFFIX)] + GEO_SUFFIX)
 
 
+def _tests_path(zone_path: Path) -> Path:
+    return zone_path.with_name(zone_path.name[: -len(ZONE_SUFFIX)] + TESTS_SUFFIX)
+
+
 def _zone_path_for(path: Path) -> Path | None:
-    """The zone file a changed path belongs to (the zone itself, or its overlay)."""
+    """The zone file a changed path belongs to (the zone itself, its overlay or its
+    policy tests)."""
     if path.name.endswith(ZONE_SUFFIX):
         return path
-    if path.name.endswith(GEO_SUFFIX):
-        return path.with_name(path.name[: -len(GEO_SUFFIX)] + ZONE_SUFFIX)
+    for suffix in (GEO_SUFFIX, TESTS_SUFFIX):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)] + ZONE_SUFFIX)
     return None
 
 
@@ -168,13 +189,7 @@ def load_file(
         with open(path, "rb") as f:
             data = f.read()
         h = hashlib.sha256(data)
-        geo_path = path[: -len(ZONE_SUFFIX)] + GEO_SUFFIX
-        try:
-            with open(geo_path, "rb") as f:
-                h.update(b"\0geo\0" + f.read())
-            has_geo = True
-        except FileNotFoundError:
-            has_geo = False
+        has_geo = _hash_companions(h, path)
     except OSError as exc:
         return (path, sig, "", None, [f"{path}: {exc}"], None, False)
     digest = h.hexdigest()
@@ -385,6 +400,10 @@ class ZoneReloader:
         self.counters = ReloadCounters()
         self.missing_since: dict[Path, float] = {}
         self.signatures: dict[str, Signature | None] = {}  # by path, as last read
+        # origins to parse again at the next reload although their files did not change
+        # (pools changed in the config); their digests stay, so an unchanged file is not
+        # mistaken for a content change under the same serial
+        self.reparse: set[str] = set()
         self._locks: dict[Path, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set after every reload that published something
@@ -426,9 +445,11 @@ class ZoneReloader:
                 digest = await asyncio.to_thread(_digest, zone_path)
             except OSError:
                 return  # vanished meanwhile; the next event handles it
-            if digest == st.digest and st.error is None and key in self.catalog.zones:
+            same = digest == st.digest and st.error is None and key in self.catalog.zones
+            if same and origin not in self.reparse:
                 report.unchanged.append(origin)
                 return
+            self.reparse.discard(origin)
             old = self.catalog.zones.get(key)
             try:
                 zone = await asyncio.to_thread(parse_zone, zone_path, self.pools())
@@ -724,7 +745,7 @@ class ZoneReloader:
         """Make the next reload re-parse zones (e.g. after pools changed in the config)."""
         for st in self.status.values():
             if not only_geo or _geo_path(Path(st.path)).exists():
-                st.digest = ""
+                self.reparse.add(st.origin)
 
     def known_paths(self) -> set[Path]:
         return {Path(st.path) for st in self.status.values()}
@@ -746,6 +767,7 @@ class ZoneReloader:
                 try:
                     same = (
                         st is not None
+                        and origin not in self.reparse
                         and st.error is None
                         and name_to_wire(origin) in self.catalog.zones
                         and _digest(p) == st.digest
@@ -808,7 +830,7 @@ class ZoneReloader:
                 debounce=50,
                 step=100,  # ms: how often the watch thread wakes (and takes the GIL) when idle
                 recursive=True,
-                watch_filter=lambda _c, p: p.endswith((ZONE_SUFFIX, GEO_SUFFIX)),
+                watch_filter=lambda _c, p: p.endswith((ZONE_SUFFIX, GEO_SUFFIX, TESTS_SUFFIX)),
             ):
                 zone_paths = {z for _c, p in changes if (z := _zone_path_for(Path(p)))}
                 for zp in sorted(zone_paths):
@@ -828,10 +850,11 @@ class ZoneReloader:
                 self._spawn(self.reload_file(p))
 
     def _poll_changes(self) -> list[Path]:
-        """Zone files whose own or overlay's mtime/size/inode changed (in a thread)."""
+        """Zone files whose own, overlay's or tests file's mtime/size/inode changed (in a
+        thread)."""
         out = []
         for p in set(zone_files(self.directory)) | self.known_paths():
-            combined = (_signature(p), _signature(_geo_path(p)))
+            combined = (_signature(p), _signature(_geo_path(p)), _signature(_tests_path(p)))
             if combined != self._poll_sigs.get(p):
                 self._poll_sigs[p] = combined
                 out.append(p)

@@ -160,6 +160,29 @@ members = ["iad"]
         assert "case[0]: www.example.com. A: expected fra, got iad" in status.error
         assert de() == {"198.51.100.20"}  # the last good version keeps serving
 
+        def wait(cond):  # type: ignore[no-untyped-def]
+            deadline = time.monotonic() + 10
+            while not cond() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert cond()
+
+        # fixing the tests file alone (the zone's files untouched) lets the held-back
+        # edit in: the watcher sees *.tests.toml too
+        tests = tmp_path / "zones" / "example.com.tests.toml"
+        tests.write_text('[[case]]\ncountry = "DE"\nname = "www"\nexpect_site = "iad"\n')
+        wait(lambda: status.error is None)
+        assert de() == {"198.51.100.30"}
+        # a tests file the serving zone fails is reported at once, the zone keeps serving
+        tests.write_text('[[case]]\ncountry = "DE"\nname = "www"\nexpect_site = "uk"\n')
+        wait(lambda: status.error is not None)
+        assert "expected uk, got iad" in (status.error or "")
+        assert de() == {"198.51.100.30"}
+        # and so is a tests file that does not parse
+        tests.write_text("[[case]]\ncountry = \n")
+        wait(lambda: "expected uk" not in (status.error or ""))
+        assert status.error is not None and "example.com.tests.toml" in status.error
+        assert de() == {"198.51.100.30"}
+
 
 def test_geoip_update_breaking_ip_cases_is_reported_not_blocking(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

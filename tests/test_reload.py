@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.edns
 import dns.message
 import dns.query
 import dns.rcode
@@ -159,6 +162,69 @@ def test_config_reload_adds_a_site_and_rejects_broken_config(
     assert any("server.listen: cannot change while running" in p for p in report["config_errors"])
 
 
+POOLS = """
+[sites.a]
+ipv4 = ["192.0.2.10"]
+lat = 51.5
+lon = -0.1
+[sites.b]
+ipv4 = ["192.0.2.20"]
+lat = 52.5
+lon = 13.4
+[pools.web]
+members = ["a"]
+"""
+
+
+def test_a_pool_change_reparses_geo_zones_without_a_false_serial_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pools changed in geodns.toml: zones with a geo overlay are parsed again (they now
+    use the new pool), the others are not, and no unchanged file is reported as
+    "content changed but the SOA serial did not"."""
+    caplog.set_level(logging.INFO)
+    make_zone_dir(
+        tmp_path,
+        {
+            "g.test.zone": zone(1).replace("r.test.", "g.test.") + "www IN A 192.0.2.1\n",
+            "g.test.geo.toml": '[names.www]\npool = "web"\n',
+            "r.test.zone": zone(1, "www IN A 192.0.2.1\n"),
+        },
+    )
+    path = write_config(tmp_path, '[api]\nlisten = ""\n' + POOLS)
+
+    def steered(s: Running) -> set[str]:
+        # a public client network (loopback sources get the zone's own record)
+        ecs = dns.edns.ECSOption("81.2.69.0", 24)
+        r = s.query("www.g.test", "A", use_edns=0, options=[ecs])
+        return {rd.address for rr in r.answer for rd in rr}
+
+    with run_server(load_config(path)) as s:
+        assert steered(s) == {"192.0.2.10"}
+        path.write_text(path.read_text().replace('members = ["a"]', 'members = ["b"]'))
+        caplog.clear()
+        report = s.call(s.app.reload())
+        assert report["config_errors"] == []
+        assert report["loaded"] == ["g.test."]
+        assert "r.test." in report["unchanged"]
+        assert steered(s) == {"192.0.2.20"}
+        assert not [r for r in caplog.records if "did not" in r.getMessage()]
+        summary = "reload: config read; zones: 1 loaded, 0 failed, 0 removed, 1 unchanged"
+        assert summary in [r.getMessage() for r in caplog.records]
+        # the next reload with nothing changed parses nothing again
+        report = s.call(s.app.reload())
+        assert report["loaded"] == []
+        assert sorted(report["unchanged"]) == ["g.test.", "r.test."]
+        # and a real content change under the same serial is still reported
+        zones = tmp_path / "zones"
+        (zones / "r.test.zone").write_text(zone(1, "www IN A 192.0.2.9\n"))
+        caplog.clear()
+        report = s.call(s.app.reload())
+        assert report["loaded"] == ["r.test."]
+        msgs = [r.getMessage() for r in caplog.records]
+        assert any("content changed but the SOA serial 1 did not" in m for m in msgs), msgs
+
+
 def test_sighup_reloads(tmp_path: Path) -> None:
     make_zone_dir(tmp_path, {"r.test.zone": zone(1, "www IN A 192.0.2.1\n")})
     path = write_config(tmp_path, '[api]\nlisten = ""\n')
@@ -273,3 +339,48 @@ def test_reaper_leaves_small_zones_to_reference_counting() -> None:
     reaper.retire(z)
     reaper.retire(None)
     assert reaper.idle.is_set() and reaper._thread is None
+
+
+def test_polling_fallback_sees_zone_overlay_and_tests_edits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without watchfiles (or inotify) the reloader polls: an edit of the zone file, of
+    its geo overlay and of its policy tests file is each picked up."""
+    monkeypatch.setitem(sys.modules, "watchfiles", None)  # import fails: poll mode
+    make_zone_dir(
+        tmp_path,
+        {
+            "g.test.zone": zone(1).replace("r.test.", "g.test.") + "www IN A 192.0.2.1\n",
+            "g.test.geo.toml": '[names.www]\npool = "web"\n',
+        },
+    )
+    path = write_config(
+        tmp_path, '[api]\nlisten = ""\n' + POOLS + '[pools.other]\nmembers = ["b"]\n'
+    )
+    path.write_text(
+        path.read_text().replace("[zones]", "[zones]\npoll_interval_s = 0.05\ndebounce_s = 0.02")
+    )
+
+    def steered(s: Running) -> set[str]:
+        ecs = dns.edns.ECSOption("81.2.69.0", 24)
+        r = s.query("www.g.test", "A", use_edns=0, options=[ecs])
+        return {rd.address for rr in r.answer for rd in rr}
+
+    zones = tmp_path / "zones"
+    with run_server(load_config(path)) as s:
+        assert s.app.reloader.mode == "poll"
+        assert steered(s) == {"192.0.2.10"}
+        (zones / "g.test.geo.toml").write_text('[names.www]\npool = "other"\n')
+        wait_for(lambda: steered(s) == {"192.0.2.20"})
+        status = s.app.zone_status["g.test."]
+        (zones / "g.test.tests.toml").write_text(
+            '[[case]]\ncountry = "GB"\nname = "www"\nexpect_site = "a"\n'
+        )
+        wait_for(lambda: status.error is not None)
+        assert "expected a, got b" in (status.error or "")
+        (zones / "g.test.tests.toml").unlink()
+        wait_for(lambda: status.error is None)
+        (zones / "g.test.zone").write_text(
+            zone(2).replace("r.test.", "g.test.") + "www IN A 192.0.2.1\nnew IN A 192.0.2.7\n"
+        )
+        wait_for(lambda: addresses(s, "new.g.test") == {"192.0.2.7"})
