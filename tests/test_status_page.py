@@ -241,6 +241,10 @@ def test_map_and_table_show_each_site_state_and_share(browser: Browser, srv: Fle
         expect(marker(page, "iad")).to_have_attribute("data-state", "unknown")
         # the state is text on the map too, and the share of answers is there
         expect(page.locator('#labels text[data-site="uk"]')).to_have_text("uk UP 100%")
+        # CC BY 4.0: a page showing results from DB-IP's database links to db-ip.com
+        expect(page.locator('footer a[href="https://db-ip.com"]')).to_have_text(
+            "IP Geolocation by DB-IP"
+        )
         expect(page.locator('#labels text[data-site="fra"]')).to_have_text("fra UP 0%")
         expect(page.locator('#share tr[data-site="uk"]')).to_contain_text("100%")
         expect(page.locator('#share tr[data-site="uk"] td.num')).to_have_text("6")
@@ -513,11 +517,14 @@ def test_page_and_assets_are_served_from_package_data(srv: Fleet) -> None:
         status, headers, body = http_get(srv.base, f"/static/{name}")
         assert status == 200 and headers["content-type"].startswith(kind), name
         assert body == (REPO / "geodns" / "static" / name).read_bytes()
-    # no external references anywhere in the assets (the page works air-gapped)
+    # no external references anywhere in the assets (the page works air-gapped); the one
+    # URL besides the SVG namespace is the licence's attribution link, which loads nothing
     for path in (REPO / "geodns" / "static").iterdir():
         text = path.read_text()
         urls = re.findall(r"(?:https?:)?//[a-z0-9-]+(?:\.[a-z0-9-]+)+[^\s\"'<>)]*", text, re.I)
-        assert set(urls) <= {"http://www.w3.org/2000/svg"}, (path.name, urls)
+        text = text.replace('<a href="https://db-ip.com">', "")
+        assert "db-ip.com" not in text, path.name  # only in that anchor
+        assert set(urls) <= {"http://www.w3.org/2000/svg", "https://db-ip.com"}, (path.name, urls)
 
 
 @pytest.mark.parametrize(
