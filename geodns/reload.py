@@ -47,7 +47,7 @@ from typing import Any
 
 from .errors import ZoneError
 from .model import Pool
-from .policytests import TESTS_SUFFIX
+from .policytests import TESTS_SUFFIX, tests_path_for
 from .view import Catalog
 from .zonecache import ZoneCache, cacheable
 from .zones import (
@@ -114,31 +114,24 @@ def _digest(zone_path: Path) -> str:
     """Content hash of a zone file, its geo overlay and its policy tests: what the zone
     is built from and checked against (an edit of any of them is a new version)."""
     h = hashlib.sha256(zone_path.read_bytes())
-    _hash_companions(h, str(zone_path))
+    _hash_companion(h, str(zone_path), GEO_SUFFIX)
+    _hash_companion(h, str(zone_path), TESTS_SUFFIX)
     return h.hexdigest()
 
 
-def _hash_companions(h: Any, zone_path: str) -> bool:
-    """Add the geo overlay and the tests file of a zone to its hash; True if it has an
-    overlay. Raises OSError if one exists but cannot be read."""
-    base = zone_path[: -len(ZONE_SUFFIX)]
-    has_geo = False
-    for tag, suffix in ((b"geo", GEO_SUFFIX), (b"tests", TESTS_SUFFIX)):
-        try:
-            with open(base + suffix, "rb") as f:
-                h.update(b"\0" + tag + b"\0" + f.read())
-        except FileNotFoundError:
-            continue
-        has_geo = has_geo or suffix == GEO_SUFFIX
-    return has_geo
+def _hash_companion(h: Any, zone_path: str, suffix: str) -> bool:
+    """Add a zone's companion file (geo overlay, policy tests) to its hash; False if it
+    has none. Raises OSError if it exists but cannot be read."""
+    try:
+        with open(zone_path[: -len(ZONE_SUFFIX)] + suffix, "rb") as f:
+            h.update(b"\0" + suffix.encode() + b"\0" + f.read())
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _geo_path(zone_path: Path) -> Path:
     return zone_path.with_name(zone_path.name[: -len(ZONE_SUFFIX)] + GEO_SUFFIX)
-
-
-def _tests_path(zone_path: Path) -> Path:
-    return zone_path.with_name(zone_path.name[: -len(ZONE_SUFFIX)] + TESTS_SUFFIX)
 
 
 def _zone_path_for(path: Path) -> Path | None:
@@ -189,13 +182,15 @@ def load_file(
         with open(path, "rb") as f:
             data = f.read()
         h = hashlib.sha256(data)
-        has_geo = _hash_companions(h, path)
+        has_geo = _hash_companion(h, path, GEO_SUFFIX)
+        built_from = h.hexdigest()  # the cache key's: the tests file does not change a Zone
+        _hash_companion(h, path, TESTS_SUFFIX)
     except OSError as exc:
         return (path, sig, "", None, [f"{path}: {exc}"], None, False)
     digest = h.hexdigest()
     key = None
     if cache is not None and len(data) >= cache_min_bytes and cacheable(data):
-        key = cache.key(path, digest, pools if has_geo else None)
+        key = cache.key(path, built_from, pools if has_geo else None)
         zone = cache.get(key)
         if zone is not None:
             return (path, sig, digest, replace(zone, loaded_at=time.time()), None, key, False)
@@ -854,7 +849,7 @@ class ZoneReloader:
         thread)."""
         out = []
         for p in set(zone_files(self.directory)) | self.known_paths():
-            combined = (_signature(p), _signature(_geo_path(p)), _signature(_tests_path(p)))
+            combined = (_signature(p), _signature(_geo_path(p)), _signature(tests_path_for(p)))
             if combined != self._poll_sigs.get(p):
                 self._poll_sigs[p] = combined
                 out.append(p)

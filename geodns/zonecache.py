@@ -8,10 +8,10 @@ process (pickling a million records holds the GIL for seconds).
 
 One file per zone, `<dir>/<key[:2]>/<key>`, holding the pickled Zone (its compact
 `__reduce__` form). The key is a SHA-256 over everything the Zone is built from: the
-zone file's path and content hash (`digest`, which covers the geo overlay and the policy
-tests too), the pool names when there is an overlay (they decide whether it is valid),
-and the source
-of the modules that build zones, so a code change never serves a stale compilation.
+zone file's path and content hash (which covers the geo overlay too, not the policy
+tests: they check a Zone, they do not change it), the pool names when there is an
+overlay (they decide whether it is valid), and the source of the modules that build
+zones, so a code change never serves a stale compilation.
 Zones using `$INCLUDE` are not cached (their content is in other files too).
 
 The directory holds pickles, so it must be as private as the rest of the state

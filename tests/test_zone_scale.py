@@ -419,6 +419,21 @@ def test_zone_cache_key_covers_content_path_and_pools(tmp_path: Path) -> None:
     assert c.key("/z/a.test.zone", "d1", ["web"]) != c.key("/z/a.test.zone", "d1", ["web2"])
 
 
+def test_a_tests_file_is_a_new_version_but_not_a_new_compilation(tmp_path: Path) -> None:
+    """A policy tests file is part of a zone's version (an edit of it alone re-checks the
+    zone) but not of its cache key: it checks a Zone, it does not change one."""
+    zones, cache = tmp_path / "zones", tmp_path / "zonecache"
+    write_small_zones(zones, 3)
+    _, (cold, _) = load(zones, cache, workers=1)
+    origin = zone_origin(1)
+    before = cold.status[origin].digest
+    tests = zone_path(zones, origin, False).with_name(origin + "tests.toml")
+    tests.write_text('[[case]]\nclient = "192.0.2.1"\nname = "www"\nexpect_site = "a"\n')
+    _, (warm, report) = load(zones, cache, workers=1)
+    assert warm.cache.hits == 3 and len(report.loaded) == 3
+    assert warm.status[origin].digest != before
+
+
 def test_zones_parsed_in_this_process_are_compiled_in_the_background(tmp_path: Path) -> None:
     """Pickling a big zone in the serving process would stall it: a worker does it."""
     zones, cache = tmp_path / "zones", tmp_path / "zonecache"
