@@ -332,7 +332,7 @@ class App:
                 )
                 self.health.update_config(new.sites, new.site_checks, new.pools)
             if pools_changed:
-                self.reloader.forget_digests(only_geo=True)
+                self.reloader.reparse_next_reload(only_geo=True)
         self.config_error = problems or None
         for p in problems:
             log.error("reload: config rejected, the running one stays: %s", p)

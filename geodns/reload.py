@@ -736,7 +736,7 @@ class ZoneReloader:
             zone.records,
         )
 
-    def forget_digests(self, only_geo: bool = True) -> None:
+    def reparse_next_reload(self, only_geo: bool = True) -> None:
         """Make the next reload re-parse zones (e.g. after pools changed in the config)."""
         for st in self.status.values():
             if not only_geo or _geo_path(Path(st.path)).exists():
