@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from .errors import FormError
 from .model import IPAddress, Location, Tally, client_prefix
-from .rrl import Action, response_kind
+from .rrl import COOKIE, Action, response_kind
 from .view import GeoState
 from .wire import _parse_opt, _parse_qname
 from .zones import AAAA, ANY, CNAME, DS, OPT, A, GeoName, Zone
@@ -321,12 +321,15 @@ class FastPath:
         stats = h.stats
         if opt is not None and opt.ecs:
             stats._ecs_queries += 1
-        if udp and h.rrl is not None and not cookie_ok:
+        if udp and h.rrl is not None:
             # RRL charges the packet's source network for this kind of reply, like the
             # full path (handler.py `_answer`); not a client with a valid server cookie
-            act = h.rrl.check(addr[0], body.rrl_kind, h.clock())
-            if act:
-                return self._limited(data, act, cookie), None
+            if not cookie_ok:
+                act = h.rrl.check(addr[0], body.rrl_kind, h.clock())
+                if act:
+                    return self._limited(data, act, cookie), None
+            else:
+                h.rrl.counts[COOKIE] += 1
         # counted on the body, folded into the statistics when they are read
         tally = body.tally_udp if udp else body.tally_tcp
         stats.tally(tally)

@@ -33,7 +33,7 @@ from .model import (
     client_prefix,
 )
 from .resolver import Answer, resolve
-from .rrl import Action, RateLimiter, response_kind
+from .rrl import COOKIE, COUNT_NAMES, Action, RateLimiter, response_kind
 from .view import GeoState, ViewHolder
 from .wire import (
     AA,
@@ -107,9 +107,9 @@ class Stats:
         self.dropped = 0
         # UDP replies the kernel would not take (send buffer full, or the address refused)
         self.udp_send_dropped = 0
-        # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt); the
-        # limiter's own list when there is one
-        self.rrl: list[int] = [0, 0, 0, 0]
+        # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt, cookie);
+        # the limiter's own list when there is one
+        self.rrl: list[int] = [0] * len(COUNT_NAMES)
         # cache entries and fast-path bodies with answers not yet folded in (each at
         # most once)
         self.pending: list[CacheInfo | Tally] = []
@@ -438,6 +438,8 @@ class Handler:
                 act = self.rrl.check(addr[0], rrl_kind, self.clock())
                 if act:
                     return (self._slip(q, options) if act is Action.SLIP else None), None
+            else:
+                self.rrl.counts[COOKIE] += 1
         offered: Offered = ()
         decision = ans.decision
         if decision is not None:

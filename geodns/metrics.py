@@ -95,7 +95,8 @@ class GeoDNSCollector(Collector):
         rrl = CounterMetricFamily(
             "geodns_rrl_responses",
             "UDP responses by response rate limiting decision: pass (sent), drop (not "
-            "sent), slip (sent truncated, TC=1), exempt (exempt network, sent)",
+            "sent), slip (sent truncated, TC=1), exempt (exempt network, sent), cookie "
+            "(valid server cookie: not limited, sent)",
             labels=["action"],
         )
         for name, n in zip(COUNT_NAMES, stats.rrl, strict=False):

@@ -69,7 +69,8 @@ class Action(IntEnum):
 
 PASS, DROP, SLIP = Action.PASS, Action.DROP, Action.SLIP
 EXEMPT = 3  # index in `counts` only: passed because the source network is exempt
-COUNT_NAMES = ("pass", "drop", "slip", "exempt")
+COOKIE = 4  # index in `counts` only: sent without a check, the client's server cookie is valid
+COUNT_NAMES = ("pass", "drop", "slip", "exempt", "cookie")
 
 # Response kinds, the first byte of a kind key.
 KIND_ANSWER, KIND_NXDOMAIN, KIND_REFERRAL, KIND_ERROR = 1, 2, 3, 4
@@ -266,7 +267,7 @@ class RateLimiter:
         self._key = self.table.key
         self._pair_mask = self.table.slots // 2 - 1
         self._tats, self._tags, self._limited = self.table.views()
-        self.counts = [0, 0, 0, 0]  # by Action, then EXEMPT (see COUNT_NAMES)
+        self.counts = [0] * len(COUNT_NAMES)  # by Action, then EXEMPT, COOKIE
         self.collisions = 0  # passed uncounted: both slots of the pair were limiting
         self._log = _LogLimit()
         self._memo: dict[str, bytes] = {}  # source string -> network key (b"": exempt)

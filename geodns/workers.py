@@ -25,6 +25,7 @@ from typing import Any
 
 from .handler import Stats
 from .model import Health, Override, PoolBalance, SiteState
+from .rrl import COUNT_NAMES
 from .view import GeoState, ViewHolder
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
     queries: dict[tuple[str, int, str], int] = {}
     by_site: dict[str, int] = {}
     totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0, "udp_send_dropped": 0}
-    rrl = [0, 0, 0, 0]
+    rrl = [0] * len(COUNT_NAMES)
     pool_offered: dict[tuple[str, str], int] = {}
     for p in parts:
         for qtype, rcode, transport, n in p["queries"]:
@@ -162,7 +163,7 @@ def crowding(workers: int, cpus: int) -> str | None:
     return (
         f"--workers {workers} but this process may use {cpus} CPU(s): workers sharing a "
         f"CPU take turns and spend more CPU per query than one would (two on one CPU: "
-        f"~1.1-1.2x, bench/README.md); --workers {cpus} is enough here"
+        f"~1.1-1.3x at 20,000 QPS and more, bench/README.md); --workers {cpus} is enough here"
     )
 
 

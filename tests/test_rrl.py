@@ -157,7 +157,7 @@ def test_exempt_networks_pass_and_are_counted() -> None:
     rl = RateLimiter(responses_per_s=1, window_s=1, exempt=("192.0.2.0/24", "2001:db8::/32"))
     assert all(a is PASS for a in flood(rl, "192.0.2.7", 100, 0.0))
     assert all(a is PASS for a in flood(rl, "2001:db8:1::1", 100, 0.0))
-    assert rl.counts == [0, 0, 0, 200]
+    assert rl.counts == [0, 0, 0, 200, 0]
     assert flood(rl, "192.0.3.7", 3, 0.0).count(PASS) == 1  # next door is not exempt
 
 
@@ -549,11 +549,21 @@ def test_metrics_show_rrl_actions(tmp_path: Path) -> None:
         s = udp_socket("127.0.1.12")
         for _ in range(BURST + 4):
             ask_or_none(s, srv, query())
+        # a client with a valid server cookie is not limited, and counted as such (its
+        # network's burst is spent, so the cookie is minted here as a reply would)
+        jar = srv.app.handler.cookies
+        assert jar is not None
+        server = jar.mint(b"clientck", socket.inet_aton("127.0.1.12"), int(time.time()))
+        cq = query()
+        cq.use_edns(0, options=[dns.edns.CookieOption(b"clientck", server)])
+        for _ in range(3):  # the full path, then the fast path
+            assert is_full(ask_udp(s, srv, cq))
         s.close()
         text = render(make_registry(srv.app)).decode()
     assert 'geodns_rrl_responses_total{action="drop"} 2.0' in text
     assert 'geodns_rrl_responses_total{action="slip"} 2.0' in text
     assert 'geodns_rrl_responses_total{action="exempt"} 0.0' in text
+    assert 'geodns_rrl_responses_total{action="cookie"} 3.0' in text
 
 
 def test_workers_share_one_limit_and_one_cookie_secret(tmp_path: Path) -> None:
@@ -596,6 +606,7 @@ def test_workers_share_one_limit_and_one_cookie_secret(tmp_path: Path) -> None:
                 r = ask_udp(s, srv, cq)
             assert is_full(r)  # a valid server cookie bypasses RRL
             assert cookie_of(r) == cookie
+        wait_for(lambda: srv.app.stats.rrl[4] == 40)  # counted as "cookie", all workers
         first.close()
         for s in socks:
             s.close()

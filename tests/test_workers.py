@@ -63,8 +63,8 @@ def test_two_workers_answer_and_follow_one_health_view(
         crowded = [r.getMessage() for r in caplog.records if r.name == "geodns.workers"]
         assert crowded == [
             "--workers 2 but this process may use 1 CPU(s): workers sharing a CPU take "
-            "turns and spend more CPU per query than one would (two on one CPU: ~1.1-1.2x, "
-            "bench/README.md); --workers 1 is enough here"
+            "turns and spend more CPU per query than one would (two on one CPU: ~1.1-1.3x "
+            "at 20,000 QPS and more, bench/README.md); --workers 1 is enough here"
         ]
         assert s.app.pool is not None and len(s.app.pool.workers) == 2
         assert s.app.dns is None or not s.app.dns.addresses  # the main process serves no DNS
