@@ -89,7 +89,7 @@ class App:
             remove_grace_s=zc.remove_grace_s,
             poll_interval_s=zc.poll_interval_s,
             watch=zc.watch,
-            cache_dir=config.resolve("state/zonecache"),  # compiled zones: fast restarts
+            cache_dir=config.resolve(config.zones.cache_dir),  # compiled zones: fast restarts
             validate=make_validator(
                 lambda: self.holder.view.geo,
                 pick.decide,

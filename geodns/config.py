@@ -107,6 +107,10 @@ class ZonesConfig:
     debounce_s: float = _doc("a changed file must be still this long before it is read", 0.2)
     remove_grace_s: float = _doc("a deleted zone file must stay gone this long to unload", 5.0)
     poll_interval_s: float = _doc("how often to look for changes when inotify is missing", 2.0)
+    cache_dir: str = _doc(
+        "compiled copies of big zone files (>= 256 KB), so a restart need not parse them",
+        "state/zonecache",
+    )
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,11 @@ class CookiesConfig:
         "",
     )
     previous_secret: str = _doc("previous secret, still accepted during rotation", "")
-    require: bool = _doc("answer BADCOOKIE to UDP queries without a valid server cookie", False)
+    require: bool = _doc(
+        "answer BADCOOKIE to UDP queries that carry a client cookie without a valid server "
+        "cookie (a query with no COOKIE option is answered as usual: RFC 7873 §5.2.1)",
+        False,
+    )
 
 
 @dataclass(frozen=True)
@@ -698,6 +706,18 @@ def _check_rrl(rrl: RrlConfig, where: str) -> list[str]:
     return problems
 
 
+MIN_TOKEN_CHARS = 16
+
+
+def token_problems(api: ApiConfig, where: str) -> list[str]:
+    """[api.tokens] secrets too short to be a bearer token (load_config and the API)."""
+    return [
+        f"{where}: api.tokens.{name}: must be at least {MIN_TOKEN_CHARS} characters"
+        for name, secret in api.tokens.items()
+        if len(secret) < MIN_TOKEN_CHARS
+    ]
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Read and validate the config file; raise ConfigError listing every problem.
 
@@ -749,6 +769,7 @@ def load_config(path: str | Path | None = None) -> Config:
                     raise ValueError
             except ValueError:
                 problems.append(f"{where}: cookies.{key}: must be 32 hex digits (16 bytes)")
+    problems += token_problems(sections["api"] or ApiConfig(), where)
     if server.max_additional_rrsets < 0:
         problems.append(f"{where}: server.max_additional_rrsets: must be >= 0")
     rrl: RrlConfig = sections["rrl"] or RrlConfig()

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from . import metrics, pick
 from .answershare import AnswerWindow
-from .config import Config, parse_listen
+from .config import Config, parse_listen, token_problems
 from .errors import ConfigError, StoreError
 from .explain import ExplainError, explain
 from .model import Health, Override, SiteState
@@ -178,11 +178,7 @@ def load_tokens(config: Config) -> dict[str, str]:
     and is never logged; only the file's path is.
     """
     tokens = {name: secret for name, secret in config.api.tokens.items()}
-    problems = [
-        f"{config.path}: api.tokens.{name}: must be at least 16 characters"
-        for name, secret in tokens.items()
-        if len(secret) < 16
-    ]
+    problems = token_problems(config.api, str(config.path))  # a Config built in code
     if problems:
         raise ConfigError(problems)
     if tokens:

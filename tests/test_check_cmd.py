@@ -63,6 +63,16 @@ def test_every_problem_printed_with_file_and_line(
     assert "other.test.zone:1: no SOA record" in out
 
 
+def test_check_refuses_what_serve_refuses_a_short_token(
+    tree: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tree / "geodns.toml"
+    cfg.write_text(cfg.read_text() + '\n[api.tokens]\nops = "seven77"\n')
+    assert run(tree, "check") != 0
+    captured = capsys.readouterr()
+    assert "api.tokens.ops: must be at least 16 characters" in captured.out + captured.err
+
+
 def test_policy_tests_pass_and_fail(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tests = tree / "zones" / "example.com.tests.toml"
     tests.write_text(

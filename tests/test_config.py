@@ -123,3 +123,21 @@ def test_parse_listen(text: str, expect: tuple[str, int]) -> None:
 def test_shipped_config_loads() -> None:
     cfg = load_config(Path(__file__).resolve().parent.parent / "geodns.toml")
     assert set(cfg.sites) == {"uk", "fra", "iad"}
+
+
+def test_zone_cache_dir_is_a_key_relative_to_the_config(tmp_path: Path) -> None:
+    """[zones] cache_dir: state/zonecache beside the config by default; absolute paths
+    kept (a read-only /etc/geodns with state in /var/lib/geodns, contrib/geodns.service)."""
+    from geodns.app import App
+    from tests.serverutil import write_config
+
+    (tmp_path / "zones").mkdir()
+    path = write_config(tmp_path, '[api]\nlisten = ""\n')
+    app = App(load_config(path), listen=["127.0.0.1:0"])
+    assert app.reloader.cache is not None
+    assert app.reloader.cache.directory == tmp_path / "state" / "zonecache"
+    elsewhere = tmp_path / "var" / "zc"
+    path.write_text(path.read_text().replace("[zones]", f'[zones]\ncache_dir = "{elsewhere}"'))
+    app = App(load_config(path), listen=["127.0.0.1:0"])
+    assert app.reloader.cache is not None
+    assert app.reloader.cache.directory == elsewhere
