@@ -176,6 +176,14 @@ members = ["a"]
 """
 
 
+def steered(s: Running) -> set[str]:
+    """www.g.test's addresses for a public client network (loopback sources get the
+    zone's own record)."""
+    ecs = dns.edns.ECSOption("81.2.69.0", 24)
+    r = s.query("www.g.test", "A", use_edns=0, options=[ecs])
+    return {rd.address for rr in r.answer for rd in rr}
+
+
 def test_a_pool_change_reparses_geo_zones_without_a_false_serial_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,12 +200,6 @@ def test_a_pool_change_reparses_geo_zones_without_a_false_serial_warning(
         },
     )
     path = write_config(tmp_path, '[api]\nlisten = ""\n' + POOLS)
-
-    def steered(s: Running) -> set[str]:
-        # a public client network (loopback sources get the zone's own record)
-        ecs = dns.edns.ECSOption("81.2.69.0", 24)
-        r = s.query("www.g.test", "A", use_edns=0, options=[ecs])
-        return {rd.address for rr in r.answer for rd in rr}
 
     with run_server(load_config(path)) as s:
         assert steered(s) == {"192.0.2.10"}
@@ -360,11 +362,6 @@ def test_polling_fallback_sees_zone_overlay_and_tests_edits(
     path.write_text(
         path.read_text().replace("[zones]", "[zones]\npoll_interval_s = 0.05\ndebounce_s = 0.02")
     )
-
-    def steered(s: Running) -> set[str]:
-        ecs = dns.edns.ECSOption("81.2.69.0", 24)
-        r = s.query("www.g.test", "A", use_edns=0, options=[ecs])
-        return {rd.address for rr in r.answer for rd in rr}
 
     zones = tmp_path / "zones"
     with run_server(load_config(path)) as s:
