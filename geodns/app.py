@@ -300,11 +300,12 @@ class App:
         """Where the ops API listens ([] when it is off)."""
         return self.api.addresses if self.api else []
 
-    async def reload(self) -> dict[str, object]:
+    async def reload(self, who: str | None = None) -> dict[str, object]:
         """SIGHUP / POST /v1/reload: re-read geodns.toml, then every zone file.
 
         A broken config keeps the running one (and says why); settings that cannot
-        change without a restart (listen addresses) are named in the error.
+        change without a restart (listen addresses) are named in the error. With `who`
+        (the API token's name, or "SIGHUP"), what happened is written to the audit log.
         """
         problems: list[str] = []
         try:
@@ -346,13 +347,20 @@ class App:
             len(report.removed),
             len(report.unchanged),
         )
-        return {
+        result: dict[str, object] = {
             "config_errors": problems,
             "loaded": report.loaded,
             "unchanged": report.unchanged,
             "failed": report.failed,
             "removed": report.removed,
         }
+        if who is not None and self.store is not None:
+            summary = {k: v for k, v in result.items() if v}
+            try:
+                await asyncio.to_thread(self.store.audit, who, "reload", "config", summary)
+            except StoreError as exc:
+                log.error("reload: audit failed: %s", exc)
+        return result
 
     def _reload_cookies(self) -> None:
         """[cookies] from a reloaded config: a secret rotation (secret = new,
@@ -424,7 +432,9 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(who="SIGHUP"))
+        )
         await self.start()
         await self.stopping.wait()
         log.info("shutting down")

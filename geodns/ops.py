@@ -856,17 +856,8 @@ class Api:
         _query(request, ())
         if await _read_json(request, self.max_body) is not None:
             raise ApiError(400, "request body: must be empty", field="body")
-        result = await self.app.reload()
+        result = await self.app.reload(who=self._who(request))
         ok = not result.get("config_errors") and not result.get("failed")
-        store = self.app.store
-        if store is not None:
-            summary = {k: v for k, v in result.items() if v}
-            try:
-                await asyncio.to_thread(
-                    store.audit, self._who(request), "reload", "config", summary
-                )
-            except StoreError as exc:
-                log.error("api: audit of reload failed: %s", exc)
         return _json({"ok": ok, **result})
 
     # -- explain, metrics, spec -------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 from geodns.config import load_config
 from geodns.reload import Reaper
+from geodns.store import AuditRow, Store
 from geodns.zones import Zone, load_zone
 from tests.serverutil import Running, make_zone_dir, run_process, run_server, wait_for, write_config
 
@@ -242,6 +243,19 @@ def test_sighup_reloads(tmp_path: Path) -> None:
             return {rd.address for rr in r.answer for rd in rr}
 
         wait_for(lambda: answer() == {"192.0.2.5"})
+
+        # and it is audited as POST /v1/reload is, under the signal's name
+        def audited() -> list[AuditRow]:
+            store = Store(f"sqlite:///{tmp_path}/state.sqlite3", "reader").open()
+            try:
+                return [r for r in store.list_audit()[0] if r.action == "reload"]
+            finally:
+                store.close()
+
+        wait_for(lambda: bool(audited()))
+        (row,) = audited()
+        assert (row.who, row.target) == ("SIGHUP", "config")
+        assert row.detail["loaded"] == ["r.test."]
 
 
 def test_no_failed_query_during_reloads_of_a_large_zone(
