@@ -37,6 +37,9 @@ with a note):
   gdnsd-flood, geodns-flood  the first fixed rate with half the queries for names
                    asked once (random subdomains, NXDOMAIN), the other half the mix:
                    what a random-subdomain flood costs, and its worst latency
+  gdnsd-tcp, geodns-tcp  the mix over TCP (dnsperf -m tcp: --clients connections, each
+                   with queries pipelined, RFC 7766 §6.2.1.1), closed loop and the first
+                   fixed rate; gdnsd with its one TCP thread
 """
 
 from __future__ import annotations
@@ -115,8 +118,11 @@ ROWS = [
     "geodns-workers2",
     "gdnsd-flood",
     "geodns-flood",
+    "gdnsd-tcp",
+    "geodns-tcp",
 ]
 FLOOD = "-flood"  # rows on the flood mix (compared with gdnsd-flood)
+TCP = "-tcp"  # rows over TCP (dnsperf -m tcp; compared with gdnsd-tcp)
 FLOOD_LINES = 600_000  # dnsperf lines: no name asked twice within a 10 s run at 40k
 CLOSED = 0  # rate 0 = closed loop
 # rows that switch one [server] key off: config name -> the key
@@ -619,7 +625,13 @@ _NUM = r"([0-9.]+)"
 
 
 def dnsperf(
-    server: Server, queries: Path, ecs: str, duration: float, rate: int, args: argparse.Namespace
+    server: Server,
+    queries: Path,
+    ecs: str,
+    duration: float,
+    rate: int,
+    args: argparse.Namespace,
+    tcp: bool = False,
 ) -> Run:
     argv = [
         *pin(args.client_cpu),
@@ -645,6 +657,8 @@ def dnsperf(
     ]
     if rate:
         argv += ["-Q", str(rate)]
+    if tcp:
+        argv += ["-m", "tcp"]
     server.remember_tree()
     cpus = sorted(
         cpu_list(args.server_cpu) | cpu_list(args.client_cpu) if args.server_cpu is not None else []
@@ -724,6 +738,9 @@ def plans(args: argparse.Namespace, feat: Features, cfgs: dict[str, Path]) -> li
         out[4].skip = "`geodns serve` has no --no-packet-cache flag yet"
     out.append(Plan("gdnsd-flood", [], [args.rates[0]], "gdnsd, the flood mix"))
     out.append(Plan("geodns-flood", geodns("base"), [args.rates[0]], "geodns, the flood mix"))
+    tcp_rates = [CLOSED, args.rates[0]]
+    out.append(Plan("gdnsd-tcp", [], tcp_rates, "gdnsd, the mix over TCP (1 TCP thread)"))
+    out.append(Plan("geodns-tcp", geodns("base"), tcp_rates, "geodns, the mix over TCP"))
     for n in (1, 2):
         w = Plan(f"geodns-workers{n}", geodns("base", "--workers", str(n)), [args.rates[0]], "")
         w.what = f"--workers {n} (SO_REUSEPORT processes, all on the server CPU)"
@@ -761,11 +778,12 @@ def run_plan(
         # warm-up, not counted; a flood row warms up on the plain mix, so that its
         # measured run (dnsperf starts at the top of the file) asks each name once
         warm = queries.with_name("queries.txt") if plan.row.endswith(FLOOD) else queries
-        dnsperf(server, warm, args.ecs, args.warmup, CLOSED, args)
+        tcp = plan.row.endswith(TCP)
+        dnsperf(server, warm, args.ecs, args.warmup, CLOSED, args, tcp)
         for rate in plan.rates:
             if args.wait_idle:
                 wait_idle(args)
-            run = dnsperf(server, queries, args.ecs, args.duration, rate, args)
+            run = dnsperf(server, queries, args.ecs, args.duration, rate, args, tcp)
             log(
                 f"{plan.row} {'closed' if not rate else f'-Q {rate}'}: {run.qps:,.0f} QPS, "
                 f"{run.cpu_us:.1f} us CPU/query, lost {run.lost}, {run.rcodes}"
@@ -790,14 +808,17 @@ def least_disturbed(runs: list[Run]) -> list[Run]:
 
 
 def table(runs: list[Run]) -> str:
-    ref = {(r.row.endswith(FLOOD), r.rate): r for r in runs if r.row.startswith("gdnsd")}
+    def kind(row: str) -> str:  # what a row is compared with: gdnsd on the same mix and transport
+        return FLOOD if row.endswith(FLOOD) else TCP if row.endswith(TCP) else ""
+
+    ref = {(kind(r.row), r.rate): r for r in runs if r.row.startswith("gdnsd")}
     lines = [
         "| row | load | QPS | CPU µs/query | server CPU | mean ms | max ms | lost | vs gdnsd "
         "| other load |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
-        g = ref.get((r.row.endswith(FLOOD), r.rate))
+        g = ref.get((kind(r.row), r.rate))
         if g is None:
             ratio = "–"
         elif r.rate == CLOSED:

@@ -7,6 +7,7 @@ that shape the byte stream into separate segments.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import struct
@@ -19,6 +20,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+
+from geodns.server import TcpLimits, TcpProtocol, TcpServerState
 
 from .serverutil import Running, make_zone_dir, run_process, serve_files, write_config
 
@@ -267,6 +270,48 @@ def test_dripping_a_message_does_not_extend_its_deadline(fast: Running) -> None:
                 break
     assert closed_after is not None, "a dripped message kept the connection open"
     assert closed_after < 2.0
+
+
+def test_active_connection_outlives_idle_timeout(fast: Running) -> None:
+    """The idle timeout counts from the last message: a connection that asks every
+    0.3 s (idle timeout 0.5 s) stays open for 6 queries, then closes when idle."""
+    with connect(fast) as s:
+        start = time.monotonic()
+        for i in range(6):
+            ask(s, 900 + i)
+            assert wait_closed(s, 0.3) is None, f"closed after query {i + 1}"
+        assert time.monotonic() - start > 3 * 0.5
+        elapsed = wait_closed(s, 5)
+    assert elapsed is not None
+    assert 0.1 <= elapsed < 3
+
+
+def test_partial_message_deadline_earlier_than_idle_timer() -> None:
+    """The idle timer is armed lazily; a per-message deadline shorter than the idle
+    timeout still closes the connection on time (in process, a recording transport)."""
+
+    class Transport:
+        def __init__(self) -> None:
+            self.aborted = asyncio.Event()
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 40000) if name == "peername" else default
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        limits = TcpLimits(idle_timeout_s=30.0, query_timeout_s=0.2)
+        proto = TcpProtocol(lambda data, addr, tr: None, TcpServerState(limits))
+        tr = Transport()
+        proto.connection_made(tr)  # type: ignore[arg-type]
+        start = loop.time()
+        proto.data_received(b"\x00")  # half a length prefix
+        await asyncio.wait_for(tr.aborted.wait(), 5)
+        return loop.time() - start
+
+    assert 0.15 <= asyncio.run(run()) < 2
 
 
 def test_timeouts_do_not_affect_others(fast: Running) -> None:
