@@ -168,6 +168,11 @@ class TcpServerState:
                 self.per_client.pop(host, None)
 
 
+# Replies of one segment are joined and written at most this many octets at a time, so
+# that a client that stops reading is noticed (pause_writing) within one such write.
+FLUSH_OCTETS = 65536
+
+
 class TcpProtocol(asyncio.Protocol):
     """One TCP client: 2-byte length framing across any segmentation (RFC 1035 §4.2.2)."""
 
@@ -235,8 +240,15 @@ class TcpProtocol(asyncio.Protocol):
         # RFC 7766 §6.2.1.1: queries may be pipelined; the replies to all the messages
         # of one segment go out in one write (one system call, not one per reply)
         out: list[bytes] = []
+        pending = 0
         at, n = 0, len(data)
         while n - at >= 2:
+            if self.paused:
+                # The client is not reading its answers (the transport's buffer is past
+                # its high-water mark): answer nothing more until it does. What is left
+                # of the segment waits in `buf` (resume_writing answers it), so one
+                # segment of small queries for large answers cannot pile up megabytes.
+                break
             size = (data[at] << 8) | data[at + 1]
             if size < 12:
                 # Not a DNS message: close rather than guess where the next one starts.
@@ -256,19 +268,24 @@ class TcpProtocol(asyncio.Protocol):
                 return
             out.append(len(reply).to_bytes(2, "big"))
             out.append(reply)
+            pending += len(reply)
             self.queries += 1
             if lim.max_queries and self.queries >= lim.max_queries:
                 self._flush(out)
                 self.transport.close()
                 return
+            if pending >= FLUSH_OCTETS:
+                self._flush(out)  # may pause writing (the loop's check above)
+                out, pending = [], 0
         self._flush(out)
         if at < n:
             buf += data[at:]
         # RFC 7766 §6.2.3: an idle connection gets the idle timeout; a partial message
         # the per-message deadline, counted from its first octet. Re-arming it on every
         # segment would let a client drip one octet at a time and hold the connection
-        # (and a slot of the connection limit) forever.
-        if not self.buf:
+        # (and a slot of the connection limit) forever. Queries held back while the
+        # client does not read count as idle: it has all it asked for until it reads.
+        if not self.buf or self.paused:
             self.partial = False
             self._arm(lim.idle_timeout_s)
         elif not self.partial:
@@ -289,6 +306,8 @@ class TcpProtocol(asyncio.Protocol):
         if self.transport is not None and self.paused:
             self.paused = False
             self.transport.resume_reading()
+            if self.buf:
+                self.data_received(b"")  # the queries held back while paused
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

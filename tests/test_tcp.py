@@ -314,6 +314,74 @@ def test_partial_message_deadline_earlier_than_idle_timer() -> None:
     assert 0.15 <= asyncio.run(run()) < 2
 
 
+def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
+    """One segment of many small queries for large answers: once the transport's buffer
+    passes its high-water mark (pause_writing), the rest of the segment waits until the
+    client reads (resume_writing); every query is answered once, in order (in process,
+    a transport that buffers like asyncio's)."""
+    queries = 1000
+    high = 64 * 1024
+
+    class Transport:
+        def __init__(self) -> None:
+            self.proto: TcpProtocol | None = None
+            self.buffered = 0
+            self.peak = 0
+            self.replies: list[int] = []
+            self.reading = True
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 40001) if name == "peername" else default
+
+        def write(self, data: bytes) -> None:
+            at = 0
+            while at < len(data):  # the stream: 2-octet length, then the reply (ID first)
+                size = int.from_bytes(data[at : at + 2], "big")
+                self.replies.append(int.from_bytes(data[at + 2 : at + 4], "big"))
+                at += 2 + size
+            self.buffered += len(data)
+            self.peak = max(self.peak, self.buffered)
+            if self.buffered > high and self.proto is not None:
+                self.proto.pause_writing()
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+        def drain(self) -> None:  # the client read everything
+            self.buffered = 0
+            assert self.proto is not None
+            self.proto.resume_writing()
+
+        def abort(self) -> None:
+            raise AssertionError("aborted")
+
+    def handle(data: bytes, addr: tuple[str, int], tr: object) -> bytes:
+        return data[:2] + bytes(2000)  # the query's ID, then a large answer
+
+    async def run() -> Transport:
+        proto = TcpProtocol(handle, TcpServerState(TcpLimits()))
+        tr = Transport()
+        tr.proto = proto
+        proto.connection_made(tr)  # type: ignore[arg-type]
+        segment = b"".join(framed(struct.pack("!H", i) + bytes(14)) for i in range(queries))
+        proto.data_received(segment)
+        assert not tr.reading, "kept reading from a client that does not read"
+        assert len(tr.replies) < queries
+        assert tr.peak < high + 2 * 65536, f"{tr.peak} octets buffered"
+        for _ in range(queries):
+            if len(tr.replies) == queries:
+                break
+            tr.drain()
+        assert tr.reading
+        return tr
+
+    tr = asyncio.run(run())
+    assert tr.replies == list(range(queries))
+
+
 def test_timeouts_do_not_affect_others(fast: Running) -> None:
     """While a stalled connection waits for its timeout, UDP and new TCP are served."""
     with connect(fast) as stalled:
