@@ -382,6 +382,44 @@ def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
     assert tr.replies == list(range(queries))
 
 
+def test_client_that_never_reads_is_closed_after_idle_timeout() -> None:
+    """Queries held back from a client that does not read count as idle: the idle
+    timeout closes the connection (in process; the transport never drains)."""
+
+    class Transport:
+        def __init__(self) -> None:
+            self.proto: TcpProtocol | None = None
+            self.aborted = asyncio.Event()
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 40002) if name == "peername" else default
+
+        def write(self, data: bytes) -> None:
+            assert self.proto is not None
+            self.proto.pause_writing()  # full at once
+
+        def pause_reading(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        limits = TcpLimits(idle_timeout_s=0.2, query_timeout_s=30.0)
+        proto = TcpProtocol(lambda data, addr, tr: data[:2] + bytes(4000), TcpServerState(limits))
+        tr = Transport()
+        tr.proto = proto
+        proto.connection_made(tr)  # type: ignore[arg-type]
+        start = loop.time()
+        proto.data_received(framed(bytes(16)) * 50)
+        assert proto.buf, "nothing held back"
+        await asyncio.wait_for(tr.aborted.wait(), 5)
+        return loop.time() - start
+
+    assert 0.15 <= asyncio.run(run()) < 2
+
+
 def test_timeouts_do_not_affect_others(fast: Running) -> None:
     """While a stalled connection waits for its timeout, UDP and new TCP are served."""
     with connect(fast) as stalled:
