@@ -8,6 +8,7 @@ that shape the byte stream into separate segments.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import socket
 import struct
@@ -20,6 +21,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geodns.server import TcpLimits, TcpProtocol, TcpServerState
 
@@ -418,6 +421,83 @@ def test_client_that_never_reads_is_closed_after_idle_timeout() -> None:
         return loop.time() - start
 
     assert 0.15 <= asyncio.run(run()) < 2
+
+
+class _Stream:
+    """A transport that records the reply stream, for TcpProtocol in process."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.ended = ""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40003) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        assert not self.ended, "wrote after the end"
+        self.out += data
+
+    def abort(self) -> None:
+        self.ended = "abort"
+
+    def close(self) -> None:
+        self.ended = "close"
+
+
+def _feed(messages: list[bytes], cuts: list[int], max_queries: int) -> tuple[bytes, str]:
+    """Frame `messages`, cut the stream at `cuts` and feed the pieces to a TcpProtocol
+    whose handler echoes the ID (None for a message whose third octet is 0xff)."""
+    stream = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+
+    def handle(data: bytes, addr: tuple[str, int], tr: object) -> bytes | None:
+        return None if data[2] == 0xFF else data[:2] + bytes(len(data))
+
+    async def run() -> tuple[bytes, str]:
+        limits = TcpLimits(max_queries=max_queries)
+        proto = TcpProtocol(handle, TcpServerState(limits))
+        tr = _Stream()
+        proto.connection_made(tr)  # type: ignore[arg-type]
+        for a, b in itertools.pairwise(points):
+            proto.data_received(stream[a:b])
+            if tr.ended:
+                break
+        proto.connection_lost(None)
+        return tr.out, tr.ended
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 700), min_size=1, max_size=12),
+    bad=st.sets(st.integers(0, 11), max_size=2),
+    cuts=st.lists(st.integers(0, 10_000), max_size=25),
+    max_queries=st.sampled_from([0, 3]),
+)
+def test_replies_do_not_depend_on_segmentation(
+    sizes: list[int], bad: set[int], cuts: list[int], max_queries: int
+) -> None:
+    """RFC 7766 §8: a message may arrive in any number of segments. However the stream is
+    cut, the replies (in order), and where a short message, a message the handler
+    refuses or the query limit ends the connection, are those of the stream in one
+    piece, and those of the messages taken one by one."""
+    messages = []
+    for i, size in enumerate(sizes):
+        third = b"\xff" if i in bad else b"\x00"
+        messages.append((i.to_bytes(2, "big") + third + bytes(size))[: max(size, 3)])
+    whole = _feed(messages, [], max_queries)
+    assert _feed(messages, cuts, max_queries) == whole
+    expected, ended = b"", ""
+    for n, m in enumerate(messages):
+        if len(m) < 12 or m[2] == 0xFF:
+            ended = "abort"
+            break
+        expected += (2 + len(m)).to_bytes(2, "big") + m[:2] + bytes(len(m))
+        if max_queries and n + 1 >= max_queries:
+            ended = "close"
+            break
+    assert whole == (expected, ended)
 
 
 def test_timeouts_do_not_affect_others(fast: Running) -> None:
