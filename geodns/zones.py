@@ -157,30 +157,7 @@ class Zone:
         """Pickle as plain tuples (worker processes, the zone cache): several times
         faster to load than the default, which sets every field of every RRset
         through Python code."""
-        nodes = tuple(
-            (key, tuple((r.owner, r.rtype, r.ttl, r.rdata, r.parts, r.targets) for r in n.values()))
-            for key, n in self.nodes.items()
-        )
-        s = self.soa
-        state = (
-            self.origin,
-            self.origin_text,
-            nodes,
-            tuple(self.cuts),
-            tuple(self.dnames),
-            self.wildcards,
-            (s.owner, s.rtype, s.ttl, s.rdata, s.parts, s.targets),
-            self.serial,
-            self.neg_ttl,
-            self.path,
-            self.records,
-            self.loaded_at,
-            self.version,
-            self.digest,
-            dict(self.geo),
-            self.warnings,
-        )
-        return _zone_from_state, (state,)
+        return _zone_from_state, (zone_state(self, tuple(node_tuples(self))),)
 
 
 # Shared by every zone that has nothing there (an empty set costs 216 bytes); never mutated
@@ -235,13 +212,57 @@ def _make_rrset(
     return r
 
 
-def _zone_from_state(state: tuple[Any, ...]) -> Zone:
-    (origin, origin_text, node_list, cuts, dnames, wildcards, soa_t, serial, neg_ttl, path,
-     records, loaded_at, version, digest, geo, warnings) = state  # fmt: skip
+def node_tuples(zone: Zone) -> Iterator[tuple[bytes, tuple[tuple[Any, ...], ...]]]:
+    """The zone's nodes as plain tuples (the pickled form: `Zone.__reduce__`, the
+    zone cache's chunks)."""
+    for key, n in zone.nodes.items():
+        yield key, tuple((r.owner, r.rtype, r.ttl, r.rdata, r.parts, r.targets) for r in n.values())
+
+
+def add_nodes(
+    nodes: dict[bytes, Mapping[int, RRset]],
+    node_list: Iterable[tuple[bytes, tuple[tuple[Any, ...], ...]]],
+) -> None:
+    """Build nodes from `node_tuples` output into `nodes`."""
     make = _make_rrset
-    nodes: dict[bytes, Mapping[int, RRset]] = {}
     for key, rrsets in node_list:
         nodes[key] = {t[1]: make(*t) for t in rrsets} if rrsets else _EMPTY_NODE
+
+
+def zone_state(zone: Zone, nodes: Any) -> tuple[Any, ...]:
+    """Everything `zone_from_state` needs, with `nodes` in place of the nodes."""
+    s = zone.soa
+    return (
+        zone.origin,
+        zone.origin_text,
+        nodes,
+        tuple(zone.cuts),
+        tuple(zone.dnames),
+        zone.wildcards,
+        (s.owner, s.rtype, s.ttl, s.rdata, s.parts, s.targets),
+        zone.serial,
+        zone.neg_ttl,
+        zone.path,
+        zone.records,
+        zone.loaded_at,
+        zone.version,
+        zone.digest,
+        dict(zone.geo),
+        zone.warnings,
+    )
+
+
+def _zone_from_state(state: tuple[Any, ...]) -> Zone:
+    nodes: dict[bytes, Mapping[int, RRset]] = {}
+    add_nodes(nodes, state[2])
+    return zone_from_state(state, nodes)
+
+
+def zone_from_state(state: tuple[Any, ...], nodes: dict[bytes, Mapping[int, RRset]]) -> Zone:
+    """The Zone of `zone_state` output whose nodes are already built (`add_nodes`)."""
+    (origin, origin_text, _, cuts, dnames, wildcards, soa_t, serial, neg_ttl, path,
+     records, loaded_at, version, digest, geo, warnings) = state  # fmt: skip
+    make = _make_rrset
     soa = make(*soa_t)
     apex_soa = nodes.get(origin, _EMPTY_NODE).get(SOA)
     if apex_soa == soa:

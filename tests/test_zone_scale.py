@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import json
 import os
+import pickle
 import random
 import threading
 import time
@@ -31,15 +32,16 @@ import dns.query
 import dns.rcode
 import pytest
 
-from bench.gen_zones import small_zone, write_small_zones, zone_origin, zone_path
+from bench.gen_zones import big_zone, small_zone, write_small_zones, zone_origin, zone_path
 from geodns import reload as reload_mod
+from geodns import zonecache
 from geodns.app import App
 from geodns.config import load_config
 from geodns.model import Pool
 from geodns.reload import ZoneReloader
 from geodns.view import Catalog
 from geodns.zonecache import ZoneCache
-from geodns.zones import Zone, name_to_wire
+from geodns.zones import Zone, name_to_wire, parse_zone
 from tests.serverutil import Running, run_server, write_config
 
 N = 2000
@@ -417,6 +419,42 @@ def test_zone_cache_key_covers_content_path_and_pools(tmp_path: Path) -> None:
     assert base != c.key("/z/a.test.zone", "d2", None)
     assert base != c.key("/y/a.test.zone", "d1", None)
     assert c.key("/z/a.test.zone", "d1", ["web"]) != c.key("/z/a.test.zone", "d1", ["web2"])
+
+
+def test_zone_cache_round_trip_in_chunks_and_cut_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache file is a header and chunks of nodes: what comes back is the same Zone,
+    whatever the chunk size; a file cut short, or one in the old one-pickle format, is
+    a miss (parse again), never a Zone with nodes missing."""
+    path = tmp_path / "big.test.zone"
+    path.write_text(big_zone(300))
+    zone = parse_zone(path)
+    assert len(zone.nodes) > 250
+    for chunk in (7, 1000):
+        monkeypatch.setattr(zonecache, "CHUNK", chunk)
+        c = ZoneCache(tmp_path / f"c{chunk}")
+        c.put("k", zone)
+        back = c.get("k")
+        assert back is not None and c.hits == 1
+        assert zone_fields(back) == zone_fields(zone)
+        assert list(back.nodes) == list(zone.nodes)  # in the same order
+    monkeypatch.setattr(zonecache, "CHUNK", 7)
+    c = ZoneCache(tmp_path / "cut")
+    c.put("k", zone)
+    f = c._file("k")
+    whole = f.read_bytes()
+    with open(f, "rb") as stream:  # where the header and the first two chunks end
+        ends = []
+        for _ in range(3):
+            pickle.load(stream)
+            ends.append(stream.tell())
+    for size in (*ends, len(whole) // 3, len(whole) - 1, 10):
+        f.write_bytes(whole[:size])
+        assert c.get("k") is None, f"a file cut at {size} of {len(whole)} octets loaded"
+    assert c.misses == 6 and c.hits == 0
+    f.write_bytes(pickle.dumps(zone))  # the format before chunks
+    assert c.get("k") is None and c.misses == 7
 
 
 def test_a_tests_file_is_a_new_version_but_not_a_new_compilation(tmp_path: Path) -> None:
