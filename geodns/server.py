@@ -229,14 +229,18 @@ class TcpProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if not self.admitted or self.transport is None:
-            return
+        if not self.admitted or self.transport is None or self.transport.is_closing():
+            return  # closing (abort, close, the query limit, shutdown): answer no more
         buf = self.buf
+        lim = self.state.limits
         if buf:  # the rest of a message begun in an earlier segment
             buf += data
+            if not self.paused and (len(buf) < 2 or 12 <= (buf[0] << 8 | buf[1]) > len(buf) - 2):
+                # still incomplete: append only (no copy of what is already buffered)
+                self._deadline(lim)
+                return
             data = bytes(buf)
             buf.clear()
-        lim = self.state.limits
         # RFC 7766 §6.2.1.1: queries may be pipelined; the replies to all the messages
         # of one segment go out in one write (one system call, not one per reply)
         out: list[bytes] = []
@@ -280,11 +284,16 @@ class TcpProtocol(asyncio.Protocol):
         self._flush(out)
         if at < n:
             buf += data[at:]
-        # RFC 7766 §6.2.3: an idle connection gets the idle timeout; a partial message
-        # the per-message deadline, counted from its first octet. Re-arming it on every
-        # segment would let a client drip one octet at a time and hold the connection
-        # (and a slot of the connection limit) forever. Queries held back while the
-        # client does not read count as idle: it has all it asked for until it reads.
+        self._deadline(lim)
+
+    def _deadline(self, lim: TcpLimits) -> None:
+        """RFC 7766 §6.2.3: an idle connection gets the idle timeout; a partial message
+        the per-message deadline, counted from its first octet. Re-arming it on every
+        segment would let a client drip one octet at a time and hold the connection
+        (and a slot of the connection limit) forever. Queries held back while the
+        client does not read count as idle: it has all it asked for until it reads (and
+        cannot finish a partial message while we do not read; when it reads again, a
+        partial message's deadline starts again)."""
         if not self.buf or self.paused:
             self.partial = False
             self._arm(lim.idle_timeout_s)
@@ -307,7 +316,10 @@ class TcpProtocol(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
             if self.buf:
-                self.data_received(b"")  # the queries held back while paused
+                # The queries held back while paused, on the next turn of the loop:
+                # the transport calls this from inside its write handler, and a close or
+                # abort there (junk, the query limit) would be torn down twice.
+                asyncio.get_running_loop().call_soon(self.data_received, b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

@@ -110,14 +110,15 @@ class ZoneCache:
         state = header[1]
         count = state[2]
         nodes: dict[bytes, Any] = {}
+        # an incomplete file raises inside the block, so nothing is frozen (gc_paused)
         with gc_paused(keep=True):
             while len(nodes) < count:
                 chunk = pickle.load(f)  # EOFError when the file was cut short
                 if not chunk:
-                    return None
+                    raise ValueError("an empty chunk")
                 add_nodes(nodes, chunk)
             if len(nodes) != count:
-                return None
+                raise ValueError(f"{len(nodes)} nodes, the header says {count}")
             return zone_from_state(state, nodes)
 
     def put(self, key: str, zone: Zone) -> None:

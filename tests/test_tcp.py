@@ -8,10 +8,12 @@ that shape the byte stream into separate segments.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -303,6 +305,9 @@ def test_partial_message_deadline_earlier_than_idle_timer() -> None:
         def abort(self) -> None:
             self.aborted.set()
 
+        def is_closing(self) -> bool:
+            return self.aborted.is_set()
+
     async def run() -> float:
         loop = asyncio.get_running_loop()
         limits = TcpLimits(idle_timeout_s=30.0, query_timeout_s=0.2)
@@ -361,6 +366,9 @@ def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
         def abort(self) -> None:
             raise AssertionError("aborted")
 
+        def is_closing(self) -> bool:
+            return False
+
     def handle(data: bytes, addr: tuple[str, int], tr: object) -> bytes:
         return data[:2] + bytes(2000)  # the query's ID, then a large answer
 
@@ -377,7 +385,10 @@ def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
         for _ in range(queries):
             if len(tr.replies) == queries:
                 break
+            before = len(tr.replies)
             tr.drain()
+            assert len(tr.replies) == before, "answered inside resume_writing"
+            await asyncio.sleep(0)  # resume_writing answers on the next turn of the loop
         assert tr.reading
         return tr
 
@@ -407,6 +418,9 @@ def test_client_that_never_reads_is_closed_after_idle_timeout() -> None:
         def abort(self) -> None:
             self.aborted.set()
 
+        def is_closing(self) -> bool:
+            return self.aborted.is_set()
+
     async def run() -> float:
         loop = asyncio.get_running_loop()
         limits = TcpLimits(idle_timeout_s=0.2, query_timeout_s=30.0)
@@ -421,6 +435,95 @@ def test_client_that_never_reads_is_closed_after_idle_timeout() -> None:
         return loop.time() - start
 
     assert 0.15 <= asyncio.run(run()) < 2
+
+
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("mode", ["junk", "limit", "shutdown"])
+def test_connection_ending_while_answers_are_held_back(loop_name: str, mode: str) -> None:
+    """A client sends 100 queries for 60 KB answers at once and reads nothing until the
+    server has paused with queries held back. Then the connection ends: junk after the
+    queries (abort), the query limit (close after 80), or the server closing it (as at
+    shutdown). The connection is torn down once, the loop reports no error, and after a
+    close the client gets whole replies only (the limit: exactly 80)."""
+    nq, limit = 100, 80
+    errors: list[str] = []
+    lost: list[Exception | None] = []
+    got: list[bytes] = []
+
+    class Proto(TcpProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+            super().connection_lost(exc)
+
+    def handle(msg: bytes, addr: tuple[str, int], tr: object) -> bytes:
+        return msg[:2] + b"\x80" + bytes(60_000)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, ctx: errors.append(str(ctx.get("message"))))
+        state = TcpServerState(TcpLimits(max_queries=limit if mode == "limit" else 0))
+        srv = await loop.create_server(lambda: Proto(handle, state), "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        read_now = threading.Event()
+
+        def client() -> None:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                s.sendall(
+                    framed(b"\x12\x34" + bytes(10)) * nq
+                    + (b"\x00\x05junk!" if mode == "junk" else b"")
+                )
+                read_now.wait(5)
+                s.settimeout(5)
+                data = b""
+                try:
+                    while chunk := s.recv(1 << 20):
+                        data += chunk
+                except ConnectionResetError:
+                    pass
+                got.append(data)
+
+        t = threading.Thread(target=client)
+        t.start()
+        deadline = loop.time() + 5
+        while not any(c.paused and c.buf for c in state.connections):
+            assert loop.time() < deadline, "the server never held answers back"
+            await asyncio.sleep(0.01)
+        if mode == "shutdown":
+            for c in list(state.connections):
+                assert c.transport is not None
+                c.transport.close()
+        read_now.set()
+        while t.is_alive() or not lost:
+            assert loop.time() < deadline + 10, "the connection did not end"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # a second teardown would be scheduled by now
+        srv.close()
+        await srv.wait_closed()
+
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    assert errors == []
+    assert len(lost) == 1
+    if mode == "junk":
+        return  # abort drops what the transport still buffers: the tail may be cut
+    data, at, replies = got[0], 0, 0
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 2], "big")
+        assert at + 2 + size <= len(data), f"reply {replies + 1} cut short"
+        assert data[at + 2 : at + 4] == b"\x12\x34"
+        at += 2 + size
+        replies += 1
+    if mode == "limit":
+        assert replies == limit
 
 
 class _Stream:
@@ -442,6 +545,9 @@ class _Stream:
 
     def close(self) -> None:
         self.ended = "close"
+
+    def is_closing(self) -> bool:
+        return bool(self.ended)
 
 
 def _feed(messages: list[bytes], cuts: list[int], max_queries: int) -> tuple[bytes, str]:

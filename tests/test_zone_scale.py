@@ -41,7 +41,7 @@ from geodns.model import Pool
 from geodns.reload import ZoneReloader
 from geodns.view import Catalog
 from geodns.zonecache import ZoneCache
-from geodns.zones import Zone, name_to_wire, parse_zone
+from geodns.zones import Zone, name_to_wire, node_tuples, parse_zone, zone_state
 from tests.serverutil import Running, run_server, write_config
 
 N = 2000
@@ -449,12 +449,23 @@ def test_zone_cache_round_trip_in_chunks_and_cut_files(
         for _ in range(3):
             pickle.load(stream)
             ends.append(stream.tell())
+    frozen = gc.get_freeze_count()
     for size in (*ends, len(whole) // 3, len(whole) - 1, 10):
         f.write_bytes(whole[:size])
         assert c.get("k") is None, f"a file cut at {size} of {len(whole)} octets loaded"
     assert c.misses == 6 and c.hits == 0
+    # files put() never writes: an empty chunk, more nodes than the header says
+    tuples = list(node_tuples(zone))
+    for count, chunks in ((len(tuples), [[]]), (2, [tuples[:3]])):
+        with open(f, "wb") as out:
+            pickle.dump((zonecache.MAGIC, zone_state(zone, count)), out)
+            for chunk in chunks:
+                pickle.dump(chunk, out)
+        assert c.get("k") is None
+    assert c.misses == 8
+    assert gc.get_freeze_count() == frozen, "a failed load froze what it had built"
     f.write_bytes(pickle.dumps(zone))  # the format before chunks
-    assert c.get("k") is None and c.misses == 7
+    assert c.get("k") is None and c.misses == 9
 
 
 def test_a_tests_file_is_a_new_version_but_not_a_new_compilation(tmp_path: Path) -> None:
