@@ -291,35 +291,59 @@ def test_active_connection_outlives_idle_timeout(fast: Running) -> None:
     assert 0.1 <= elapsed < 3
 
 
-def test_partial_message_deadline_earlier_than_idle_timer() -> None:
-    """The idle timer is armed lazily; a per-message deadline shorter than the idle
-    timeout still closes the connection on time (in process, a recording transport)."""
+class _Recording:
+    """The part of a transport TcpProtocol uses (in process), recording an abort; a
+    write fills it at once (pause_writing)."""
 
-    class Transport:
-        def __init__(self) -> None:
-            self.aborted = asyncio.Event()
+    def __init__(self) -> None:
+        self.proto: TcpProtocol | None = None
+        self.aborted = asyncio.Event()
 
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 40000) if name == "peername" else default
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
 
-        def abort(self) -> None:
-            self.aborted.set()
+    def write(self, data: bytes) -> None:
+        assert self.proto is not None
+        self.proto.pause_writing()
 
-        def is_closing(self) -> bool:
-            return self.aborted.is_set()
+    def pause_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def is_closing(self) -> bool:
+        return self.aborted.is_set()
+
+
+def _seconds_to_abort(
+    limits: TcpLimits,
+    handle: Callable[[bytes, tuple[str, int], object], bytes | None],
+    data: bytes,
+    check: Callable[[TcpProtocol], None] = lambda proto: None,
+) -> float:
+    """Feed `data` to a TcpProtocol at once, run `check` on it, and time the abort."""
 
     async def run() -> float:
         loop = asyncio.get_running_loop()
-        limits = TcpLimits(idle_timeout_s=30.0, query_timeout_s=0.2)
-        proto = TcpProtocol(lambda data, addr, tr: None, TcpServerState(limits))
-        tr = Transport()
+        proto = TcpProtocol(handle, TcpServerState(limits))
+        tr = _Recording()
+        tr.proto = proto
         proto.connection_made(tr)  # type: ignore[arg-type]
         start = loop.time()
-        proto.data_received(b"\x00")  # half a length prefix
+        proto.data_received(data)
+        check(proto)
         await asyncio.wait_for(tr.aborted.wait(), 5)
         return loop.time() - start
 
-    assert 0.15 <= asyncio.run(run()) < 2
+    return asyncio.run(run())
+
+
+def test_partial_message_deadline_earlier_than_idle_timer() -> None:
+    """The idle timer is armed lazily; a per-message deadline shorter than the idle
+    timeout still closes the connection on time (half a length prefix)."""
+    limits = TcpLimits(idle_timeout_s=30.0, query_timeout_s=0.2)
+    assert 0.15 <= _seconds_to_abort(limits, lambda data, addr, tr: None, b"\x00") < 2
 
 
 def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
@@ -398,43 +422,16 @@ def test_client_not_reading_holds_back_the_rest_of_a_segment() -> None:
 
 def test_client_that_never_reads_is_closed_after_idle_timeout() -> None:
     """Queries held back from a client that does not read count as idle: the idle
-    timeout closes the connection (in process; the transport never drains)."""
+    timeout closes the connection (the transport never drains)."""
 
-    class Transport:
-        def __init__(self) -> None:
-            self.proto: TcpProtocol | None = None
-            self.aborted = asyncio.Event()
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 40002) if name == "peername" else default
-
-        def write(self, data: bytes) -> None:
-            assert self.proto is not None
-            self.proto.pause_writing()  # full at once
-
-        def pause_reading(self) -> None:
-            pass
-
-        def abort(self) -> None:
-            self.aborted.set()
-
-        def is_closing(self) -> bool:
-            return self.aborted.is_set()
-
-    async def run() -> float:
-        loop = asyncio.get_running_loop()
-        limits = TcpLimits(idle_timeout_s=0.2, query_timeout_s=30.0)
-        proto = TcpProtocol(lambda data, addr, tr: data[:2] + bytes(4000), TcpServerState(limits))
-        tr = Transport()
-        tr.proto = proto
-        proto.connection_made(tr)  # type: ignore[arg-type]
-        start = loop.time()
-        proto.data_received(framed(bytes(16)) * 50)
+    def held_back(proto: TcpProtocol) -> None:
         assert proto.buf, "nothing held back"
-        await asyncio.wait_for(tr.aborted.wait(), 5)
-        return loop.time() - start
 
-    assert 0.15 <= asyncio.run(run()) < 2
+    limits = TcpLimits(idle_timeout_s=0.2, query_timeout_s=30.0)
+    seconds = _seconds_to_abort(
+        limits, lambda data, addr, tr: data[:2] + bytes(4000), framed(bytes(16)) * 50, held_back
+    )
+    assert 0.15 <= seconds < 2
 
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
