@@ -35,7 +35,7 @@ import os
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import zonefast, zones
 from .zones import Zone, add_nodes, gc_paused, node_tuples, zone_from_state, zone_state
@@ -103,7 +103,7 @@ class ZoneCache:
         return zone
 
     @staticmethod
-    def _load(f: Any) -> Zone | None:
+    def _load(f: IO[bytes]) -> Zone | None:
         header = pickle.load(f)
         if not (isinstance(header, tuple) and len(header) == 2 and header[0] == MAGIC):
             return None
