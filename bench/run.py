@@ -5,8 +5,8 @@ Installs nothing. Needs `dnsperf` and `gdnsd` (Debian: `make deb-tools`, or
 `apt-get install dnsperf gdnsd`) and the project venv with the dev extras (mmdb-writer
 writes the GeoIP test database: `make install`). Run it from the venv:
 
-    .venv/bin/python bench/run.py            # every row, ~3-4 minutes
-    .venv/bin/python bench/run.py --quick    # 3 s runs, ~1.5 minutes
+    .venv/bin/python bench/run.py            # every row, ~6 minutes
+    .venv/bin/python bench/run.py --quick    # 3 s runs, ~2 minutes
     .venv/bin/python bench/run.py --only gdnsd --only geodns --duration 20
 
 What it does: builds into a temp dir one zone (example.com, `www` geo-steered among the
