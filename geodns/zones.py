@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import operator
 import os
 import re
 import time
@@ -212,11 +213,15 @@ def _make_rrset(
     return r
 
 
+# An RRset as the tuple `_make_rrset(*t)` takes back (the pickled and cached form)
+_plain = operator.attrgetter("owner", "rtype", "ttl", "rdata", "parts", "targets")
+
+
 def node_tuples(zone: Zone) -> Iterator[tuple[bytes, tuple[tuple[Any, ...], ...]]]:
     """The zone's nodes as plain tuples (the pickled form: `Zone.__reduce__`, the
     zone cache's chunks)."""
     for key, n in zone.nodes.items():
-        yield key, tuple((r.owner, r.rtype, r.ttl, r.rdata, r.parts, r.targets) for r in n.values())
+        yield key, tuple(map(_plain, n.values()))
 
 
 def add_nodes(
@@ -231,7 +236,6 @@ def add_nodes(
 
 def zone_state(zone: Zone, nodes: Any) -> tuple[Any, ...]:
     """Everything `zone_from_state` needs, with `nodes` in place of the nodes."""
-    s = zone.soa
     return (
         zone.origin,
         zone.origin_text,
@@ -239,7 +243,7 @@ def zone_state(zone: Zone, nodes: Any) -> tuple[Any, ...]:
         tuple(zone.cuts),
         tuple(zone.dnames),
         zone.wildcards,
-        (s.owner, s.rtype, s.ttl, s.rdata, s.parts, s.targets),
+        _plain(zone.soa),
         zone.serial,
         zone.neg_ttl,
         zone.path,
