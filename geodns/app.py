@@ -9,13 +9,14 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import geo, ops, pick
+from . import geo, ops, pick, udpbatch
 from .cache import PacketCache
 from .config import Config, load_config, parse_listen
 from .cookies import CookieJar
@@ -27,10 +28,17 @@ from .policytests import country_locations, make_validator
 from .reload import ZoneReloader, ZoneStatus
 from .rrl import FD_ENV, SharedTable
 from .rrl import from_config as rrl_from_config
-from .server import DnsServer, HandleFn, TcpLimits, bind_sockets, logging_handler
+from .server import DnsServer, HandleFn, TcpLimits, bind_sockets, bind_tcp, logging_handler
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
-from .workers import WorkerPool, worker_stats_loop, worker_stdin_loop
+from .workers import (
+    UDP_ENV,
+    WorkerPool,
+    attach_udp,
+    share_udp,
+    worker_stats_loop,
+    worker_stdin_loop,
+)
 from .zones import name_to_wire
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,9 @@ class App:
         self.workers = config.server.workers if workers is None else workers
         self.worker_mode = worker_mode
         self.pool: WorkerPool | None = None
+        # --workers N with [server] worker_udp_shared: the UDP sockets this process
+        # binds and its workers inherit (it never reads them)
+        self.shared_udp: list[socket.socket] = []
         self.catalog = Catalog()
         self.zone_status: dict[str, ZoneStatus] = {}
         self.stats = Stats()
@@ -190,11 +201,29 @@ class App:
             api_plan = None  # the main process serves the API
         sockets = []
         worker_listen: list[str] = []
-        for addr in self.listen:
+        shared = os.environ.get(UDP_ENV) if self.worker_mode else None
+        inherited = attach_udp(shared) if shared else []
+        if inherited and len(inherited) != len(self.listen):
+            raise ValueError(f"{UDP_ENV}: {len(inherited)} sockets, {len(self.listen)} addresses")
+        leaders: dict[int, int] = {}
+        for i, addr in enumerate(self.listen):
             host, port = parse_listen(addr)
             if self.workers > 1 and not self.worker_mode:
-                worker_listen.append(_concrete_port(host, port))
-                continue  # the workers bind; this process serves no DNS
+                if self._share_udp():
+                    # this process binds UDP (before dropping privileges) and the
+                    # workers inherit it; they bind TCP themselves
+                    udp, tcp = bind_sockets(host, port, reuse_port=True, udp_reuse_port=False)
+                    tcp.close()
+                    self.shared_udp.append(udp)
+                    worker_listen.append(_listen_text(host, udp.getsockname()[1]))
+                else:
+                    worker_listen.append(_concrete_port(host, port))
+                continue  # the workers serve DNS; this process does not
+            if self.worker_mode and inherited:
+                udp, leader = inherited[i]
+                leaders[udp.fileno()] = leader
+                sockets.append((udp, bind_tcp(host, port, reuse_port=True)))
+                continue
             sockets.append(bind_sockets(host, port, reuse_port=self.worker_mode))
         if api_plan is not None:
             self.api = ops.ApiServer(self, api_plan, api_tokens)
@@ -207,7 +236,7 @@ class App:
                 raise
         _drop_privileges(srv.user)
         if self.worker_mode:
-            await self._start_worker(sockets, limits)
+            await self._start_worker(sockets, limits, leaders)
             return
         self.store = self._open_store()
         self.health = HealthManager(
@@ -237,6 +266,9 @@ class App:
             if self.rrl_table is not None and self.rrl_table.fd is not None:
                 env[FD_ENV] = str(self.rrl_table.fd)
                 fds = (self.rrl_table.fd,)
+            if self.shared_udp:
+                env[UDP_ENV], udp_fds = share_udp(self.shared_udp)
+                fds += udp_fds
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,
@@ -256,14 +288,25 @@ class App:
         self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
 
-    async def _start_worker(self, sockets: list[tuple[Any, Any]], limits: TcpLimits) -> None:
+    def _count_handoffs(self) -> None:
+        if self.dns is not None:
+            self.stats.udp_handoffs = self.dns.udp_handoffs()
+
+    def _share_udp(self) -> bool:
+        """Whether --workers share each UDP socket (see workers.py)."""
+        srv = self.config.server
+        return srv.worker_udp_shared and srv.udp_batch and srv.udp_thread and udpbatch.available()
+
+    async def _start_worker(
+        self, sockets: list[tuple[Any, Any]], limits: TcpLimits, leaders: dict[int, int]
+    ) -> None:
         """`serve-worker`: DNS only; health from the main process over stdin."""
         self._worker_tasks = [
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
-            asyncio.create_task(worker_stats_loop(self.stats)),
+            asyncio.create_task(worker_stats_loop(self.stats, self._count_handoffs)),
         ]
         self.dns = self._dns_server(limits)
-        await self.dns.start(sockets)
+        await self.dns.start(sockets, leaders)
         await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
         self.ready = True
@@ -411,6 +454,8 @@ class App:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.stop()
+        for sock in self.shared_udp:
+            sock.close()
         for task in getattr(self, "_worker_tasks", []):
             task.cancel()
         if self.api is not None:
@@ -477,6 +522,10 @@ def _concrete_port(host: str, port: int) -> str:
         port = udp.getsockname()[1]
         udp.close()
         tcp.close()
+    return _listen_text(host, port)
+
+
+def _listen_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -96,7 +96,14 @@ class ServerConfig:
         100000,
     )
     workers: int = _doc(
-        "DNS worker processes (SO_REUSEPORT); 1 = this process serves DNS itself", 1
+        "DNS worker processes (TCP: SO_REUSEPORT); 1 = this process serves DNS itself", 1
+    )
+    worker_udp_shared: bool = _doc(
+        "with workers > 1 (and udp_batch, udp_thread on Linux): the workers share each "
+        "UDP socket and one receives at a time, handing on after a full batch of 32, so "
+        "a worker wakes only when the others cannot keep up (bench/README.md); false: "
+        "a SO_REUSEPORT socket per worker, the kernel spreads queries by source",
+        True,
     )
 
 

@@ -107,6 +107,9 @@ class Stats:
         self.dropped = 0
         # UDP replies the kernel would not take (send buffer full, or the address refused)
         self.udp_send_dropped = 0
+        # --workers N sharing UDP sockets: full batches after which a worker handed the
+        # socket on (summed from the workers' reports)
+        self.udp_handoffs = 0
         # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt, cookie);
         # the limiter's own list when there is one
         self.rrl: list[int] = [0] * len(COUNT_NAMES)

@@ -92,6 +92,12 @@ class GeoDNSCollector(Collector):
             "UDP replies the kernel would not take (send buffer full, address refused)",
             stats.udp_send_dropped,
         )
+        yield CounterMetricFamily(
+            "geodns_udp_handoffs",
+            "--workers N sharing UDP: full batches of 32 after which a worker let another "
+            "receive (load one worker did not keep up with alone)",
+            stats.udp_handoffs,
+        )
         rrl = CounterMetricFamily(
             "geodns_rrl_responses",
             "UDP responses by response rate limiting decision: pass (sent), drop (not "

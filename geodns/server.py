@@ -348,37 +348,54 @@ def _grow_buffers(sock: socket.socket) -> None:
 
 
 def bind_sockets(
-    host: str, port: int, reuse_port: bool = False
+    host: str, port: int, reuse_port: bool = False, udp_reuse_port: bool | None = None
 ) -> tuple[socket.socket, socket.socket]:
     """Bind the UDP and TCP sockets of one listen address (same port for both).
 
     With port 0 the OS picks a UDP port and TCP binds the same number (retried if that
-    number happens to be taken for TCP).
+    number happens to be taken for TCP). `udp_reuse_port` (default: `reuse_port`) sets
+    SO_REUSEPORT on the UDP socket alone.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp_reuse = reuse_port if udp_reuse_port is None else udp_reuse_port
     for attempt in range(20):
         udp = socket.socket(family, socket.SOCK_DGRAM)
-        tcp = socket.socket(family, socket.SOCK_STREAM)
         try:
-            for s in (udp, tcp):
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if reuse_port:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _options(udp, udp_reuse)
             _grow_buffers(udp)
             udp.bind((host, port))
-            tcp.bind((host, udp.getsockname()[1]))
-            tcp.listen(1024)
+            tcp = bind_tcp(host, udp.getsockname()[1], reuse_port)
             udp.setblocking(False)
-            tcp.setblocking(False)
             return udp, tcp
         except OSError:
             udp.close()
-            tcp.close()
             if port != 0 or attempt == 19:
                 raise
     raise AssertionError("unreachable")
+
+
+def bind_tcp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The listening TCP socket of one listen address (a worker beside a shared UDP
+    socket binds only this one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _options(tcp, reuse_port)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, port))
+        tcp.listen(1024)
+        tcp.setblocking(False)
+    except OSError:
+        tcp.close()
+        raise
+    return tcp
+
+
+def _options(sock: socket.socket, reuse_port: bool) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
 def _locked(handle: HandleFn, lock: threading.RLock) -> HandleFn:
@@ -416,11 +433,23 @@ class DnsServer:
         self.tcp_servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
 
-    async def start(self, sockets: list[tuple[socket.socket, socket.socket]]) -> None:
+    async def start(
+        self,
+        sockets: list[tuple[socket.socket, socket.socket]],
+        leaders: dict[int, int] | None = None,
+    ) -> None:
+        """Serve each (UDP, TCP) pair. `leaders` maps a UDP socket's descriptor to the
+        flock descriptor of a socket shared with other workers (udpbatch.BatchUdp)."""
         loop = asyncio.get_running_loop()
+        leaders = leaders or {}
         for udp, tcp in sockets:
+            leader = leaders.get(udp.fileno())
+            if leader is not None and (not self.udp_batch or self.lock is None):
+                raise ValueError("a shared UDP socket needs udp_batch and udp_thread")
             if self.udp_batch:
-                batch = udpbatch.BatchUdp(udp, self.handle, self.on_send_dropped, self.lock)
+                batch = udpbatch.BatchUdp(
+                    udp, self.handle, self.on_send_dropped, self.lock, leader_fd=leader
+                )
                 batch.start(loop)
                 self.udp_transports.append(batch)
             else:
@@ -435,6 +464,10 @@ class DnsServer:
             name = udp.getsockname()
             self.addresses.append((name[0], name[1]))
             log.info("serving DNS on %s port %d (udp+tcp)", name[0], name[1])
+
+    def udp_handoffs(self) -> int:
+        """Full batches after which a shared UDP socket was handed on (udpbatch)."""
+        return sum(t.handoffs for t in self.udp_transports if isinstance(t, udpbatch.BatchUdp))
 
     async def stop(self, grace_s: float = 3.0) -> None:
         """Stop accepting, let in-flight TCP answers drain, then close everything."""

@@ -33,7 +33,9 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
+import os
 import socket
 import sys
 import threading
@@ -137,6 +139,7 @@ class BatchUdp:
         handle: HandleFn,
         on_send_dropped: Callable[[int], None] | None = None,
         lock: threading.RLock | None = None,
+        leader_fd: int | None = None,
     ) -> None:
         libc = _load()
         if libc is None:
@@ -156,6 +159,11 @@ class BatchUdp:
         # with a lock: a thread of its own blocks in recvmmsg and answers each batch
         # holding the lock (see `start`); without: the event loop's reader
         self.lock = lock
+        # with a leader lock (`--workers N`, `[server] worker_udp_shared`): the socket is
+        # shared by several processes and only the holder of this flock receives; see
+        # `_receive`. The descriptor is this object's own open file description.
+        self.leader_fd = leader_fd
+        self.handoffs = 0  # full batches after which the receive was handed on
         self._thread: threading.Thread | None = None
         self._stopping = False
         n = BATCH
@@ -225,13 +233,43 @@ class BatchUdp:
         self._thread.start()
 
     def _receive(self) -> None:
+        try:
+            self._receive_loop()
+        finally:
+            if self.leader_fd is not None:
+                # the socket is shared: this thread owns its descriptors, closed only
+                # once it is sure not to touch them again (see `close`)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self.leader_fd, fcntl.LOCK_UN)
+                os.close(self.leader_fd)
+                self.sock.close()
+
+    def _receive_loop(self) -> None:
         recvmmsg, fd, msgs, lock = self._libc.recvmmsg, self.fd, self._rmsgs, self.lock
         assert lock is not None
+        leader = self.leader_fd
+        held = leader is None
         while not self._stopping:
+            if not held:
+                # Leader/follower over a socket shared by the workers: one process
+                # receives at a time. A follower sleeps here (no wakeup per datagram,
+                # which is what a second SO_REUSEPORT socket costs on a shared CPU); the
+                # kernel drops the flock of a process that dies.
+                assert leader is not None
+                fcntl.flock(leader, fcntl.LOCK_EX)
+                held = True
+                if self._stopping:
+                    return
             n = recvmmsg(fd, msgs, BATCH, MSG_WAITFORONE, None)
-            if self._stopping:
+            if self._stopping and (leader is None or n <= 0):
                 return  # close() shut the socket down: what it returned is not a query
             if n > 0:
+                if leader is not None and n == BATCH:
+                    # a full batch: more may be queued, so another worker receives
+                    # while this one answers (the workers' CPUs work in parallel)
+                    fcntl.flock(leader, fcntl.LOCK_UN)
+                    held = False
+                    self.handoffs += 1
                 try:
                     with lock:
                         self._answer(n)
@@ -249,6 +287,17 @@ class BatchUdp:
                 return  # 0 messages: not a blocking receive any more; nothing to wait for
 
     def close(self) -> None:
+        if self._thread is not None and self.leader_fd is not None:
+            # A shared socket must not be shut down: that would stop every worker. The
+            # leader is woken by an empty datagram (whoever receives it drops it: no
+            # header); a follower waits for the flock and then sees _stopping. The
+            # thread closes the descriptors itself (it may still be in flock now).
+            self._stopping = True
+            self._wake()
+            self._thread.join(1)
+            self._thread = None
+            self.loop = None
+            return
         if self._thread is not None:
             self._stopping = True
             # wakes the thread blocked in recvmmsg; on an unconnected UDP socket Linux
@@ -262,6 +311,16 @@ class BatchUdp:
                 self.loop.remove_reader(self.fd)
             self.loop = None
         self.sock.close()
+
+    def _wake(self) -> None:
+        """Send an empty datagram to the shared socket (to its own address, or loopback
+        when it is bound to the wildcard)."""
+        with contextlib.suppress(OSError):
+            host, port = self.sock.getsockname()[:2]
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1" if self.family == socket.AF_INET else "::1"
+            with socket.socket(self.family, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", (host, port))
 
     def get_extra_info(self, name: str) -> object:
         return self.sock if name == "socket" else None

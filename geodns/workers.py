@@ -1,9 +1,15 @@
-"""--workers N: several DNS processes on the same addresses (SO_REUSEPORT), one checker.
+"""--workers N: several DNS processes on the same addresses, one checker.
 
 The main process runs the health checker, the store and the ops API, and loads the
 zones (for /v1/zones and explain); it serves no DNS itself. Each worker is
-`geodns serve-worker`: it loads and watches the same zone files itself and answers DNS
-on its own SO_REUSEPORT sockets; the kernel spreads queries over the workers. Health
+`geodns serve-worker`: it loads and watches the same zone files itself and answers DNS.
+TCP: each worker listens on its own SO_REUSEPORT socket; the kernel spreads connections.
+UDP (`[server] worker_udp_shared`, the default where udpbatch's receive thread runs):
+the main process binds each UDP socket and the workers inherit it, with a memfd whose
+flock says which worker receives (leader/follower, udpbatch.BatchUdp): on a CPU the
+workers share, a burst wakes one process, not each (bench/README.md, "`--workers 2` on
+one CPU"), and a worker that dies drops its flock. Otherwise each worker binds its own
+SO_REUSEPORT UDP socket and the kernel spreads queries by source address. Health
 comes from the main process only: every published GeoState is written to each worker's
 stdin as one JSON line (states and pool versions), so all workers answer from identical
 views and nothing is checked twice. Workers write their query counters to stdout once
@@ -17,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +38,8 @@ from .view import GeoState, ViewHolder
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0
+# the UDP sockets a worker inherits: "socket_fd:flock_fd" per listen address, in order
+UDP_ENV = "GEODNS_SHARED_UDP"
 COALESCE_S = 0.02  # health publishes closer together than this reach workers as one line
 
 
@@ -114,6 +123,7 @@ def encode_stats(stats: Stats) -> bytes:
         "formerr": stats.formerr,
         "dropped": stats.dropped,
         "udp_send_dropped": stats.udp_send_dropped,
+        "udp_handoffs": stats.udp_handoffs,
         "rrl": stats.rrl,
         "pool_offered": [[*k, v] for k, v in stats.pool_offered.items()],
     }
@@ -124,7 +134,9 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
     """Replace `into`'s counters with the sum of the workers' reports."""
     queries: dict[tuple[str, int, str], int] = {}
     by_site: dict[str, int] = {}
-    totals = {"ecs_queries": 0, "truncated": 0, "formerr": 0, "dropped": 0, "udp_send_dropped": 0}
+    totals = dict.fromkeys(
+        ("ecs_queries", "truncated", "formerr", "dropped", "udp_send_dropped", "udp_handoffs"), 0
+    )
     rrl = [0] * len(COUNT_NAMES)
     pool_offered: dict[tuple[str, str], int] = {}
     for p in parts:
@@ -147,6 +159,33 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
         setattr(into, k, v)
 
 
+def share_udp(sockets: list[socket.socket]) -> tuple[str, tuple[int, ...]]:
+    """Main side: the UDP_ENV value and the descriptors to pass for shared sockets.
+
+    Each socket gets a memfd of its own; its flock marks the worker that receives."""
+    parts = []
+    fds: list[int] = []
+    for sock in sockets:
+        lock = os.memfd_create("geodns-udp-leader", os.MFD_CLOEXEC)
+        parts.append(f"{sock.fileno()}:{lock}")
+        fds += [sock.fileno(), lock]
+    return ",".join(parts), tuple(fds)
+
+
+def attach_udp(value: str) -> list[tuple[socket.socket, int]]:
+    """Worker side: the inherited UDP sockets, each with a flock descriptor of this
+    process's own (reopened through /proc: an inherited descriptor shares its open file
+    description, and so its flock, with the main process and every other worker)."""
+    out = []
+    for part in value.split(","):
+        sock_fd, lock_fd = (int(x) for x in part.split(":"))
+        sock = socket.socket(fileno=sock_fd)
+        own = os.open(f"/proc/self/fd/{lock_fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.close(lock_fd)
+        out.append((sock, own))
+    return out
+
+
 def usable_cpus() -> int:
     """How many CPUs this process may run on: its affinity mask, which `taskset`,
     systemd's CPUAffinity= and cgroup cpusets narrow (not the machine's CPU count)."""
@@ -162,8 +201,9 @@ def crowding(workers: int, cpus: int) -> str | None:
         return None
     return (
         f"--workers {workers} but this process may use {cpus} CPU(s): workers sharing a "
-        f"CPU take turns and spend more CPU per query than one would (two on one CPU: "
-        f"~1.1-1.3x at 20,000 QPS and more, bench/README.md); --workers {cpus} is enough here"
+        f"CPU add no throughput (and with worker_udp_shared = false they spend more CPU "
+        f"per query: two on one CPU ~1.1-1.3x, bench/README.md); --workers {cpus} is "
+        f"enough here"
     )
 
 
@@ -174,6 +214,7 @@ class _Worker:
     last_stats: dict[str, Any] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
     restarts: int = 0
+    serving: bool = False  # this process said it is ready
 
 
 class WorkerPool:
@@ -235,6 +276,7 @@ class WorkerPool:
         self._watch = asyncio.create_task(self._follow_health())
 
     async def _spawn(self, w: _Worker) -> None:
+        w.serving = False
         w.proc = await asyncio.create_subprocess_exec(
             *self._cmd(),
             stdin=asyncio.subprocess.PIPE,
@@ -264,6 +306,7 @@ class WorkerPool:
                 continue
             if msg.get("ready") and not counted:
                 counted = True
+                w.serving = True
                 self._ready_count += 1
                 if self._ready_count >= self.count:
                     self.ready.set()
@@ -328,10 +371,12 @@ async def worker_stdin_loop(holder: ViewHolder, on_eof: Callable[[], None]) -> N
             log.error("worker: bad health message from the main process: %s", exc)
 
 
-async def worker_stats_loop(stats: Stats) -> None:
-    """Worker side: report counters to the main process once a second."""
+async def worker_stats_loop(stats: Stats, refresh: Callable[[], None] = lambda: None) -> None:
+    """Worker side: report counters to the main process once a second (`refresh` first
+    copies in what is counted elsewhere)."""
     out = sys.stdout.buffer
     while True:
+        refresh()
         out.write(encode_stats(stats))
         out.flush()
         await asyncio.sleep(STATS_INTERVAL_S)

@@ -567,14 +567,16 @@ def test_metrics_show_rrl_actions(tmp_path: Path) -> None:
 
 
 def test_workers_share_one_limit_and_one_cookie_secret(tmp_path: Path) -> None:
-    """--workers 2: the kernel spreads sources over both workers, yet one /24 gets one
-    limit (per-worker tables would allow twice the burst), and a server cookie minted by
-    one worker is valid at the other."""
+    """--workers 2 with a SO_REUSEPORT socket each: the kernel spreads sources over both
+    workers, yet one /24 gets one limit (per-worker tables would allow twice the burst),
+    and a server cookie minted by one worker is valid at the other. (With the default
+    shared socket the workers take turns, and the same table serves both.)"""
     (tmp_path / "zones").mkdir()
     (tmp_path / "zones" / "example.test.zone").write_text(ZONE)
     rate, window = 5, 2.0  # burst 10
     # slip = 1: every limited query gets a TC=1 reply, so nothing waits for a timeout
     body = f"[rrl]\nresponses_per_s = {rate}\nwindow_s = {window}\nslip = 1\nexempt = []\n"
+    body += "[server]\nworker_udp_shared = false\n"
     cfg = load_config(write_config(tmp_path, body))
     with run_server(cfg, workers=2) as srv:
         assert srv.app.pool is not None

@@ -5,6 +5,7 @@ IPv6, and for the largest datagrams; `udp_batch = false` uses asyncio's transpor
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -391,3 +392,135 @@ def test_answers_stay_whole_while_health_flips_under_udp_load(tmp_path: Path) ->
         assert not errors, errors
         assert set(seen) <= {frozenset({"198.51.100.10"}), frozenset({"198.51.100.20"})}
         assert len(seen) > 40
+
+
+def shared(host: str, handles: list[Handle]) -> tuple[list[udpbatch.BatchUdp], int]:
+    """One UDP socket served by several BatchUdp, as `--workers N` share one: each has a
+    descriptor of the socket and its own open file description of one flock file."""
+    udp, tcp = bind_sockets(host, 0)
+    tcp.close()
+    lock_file = os.memfd_create("test-leader", os.MFD_CLOEXEC)
+    batches = []
+    for h in handles:
+        sock = socket.socket(fileno=os.dup(udp.fileno()))
+        own = os.open(f"/proc/self/fd/{lock_file}", os.O_RDWR | os.O_CLOEXEC)
+        batches.append(udpbatch.BatchUdp(sock, h, lock=threading.RLock(), leader_fd=own))
+    port = udp.getsockname()[1]
+    udp.close()
+    os.close(lock_file)
+    return batches, port
+
+
+def tagged(tag: str, seen: dict[str, list[int]], gate: Callable[[int], None]) -> Handle:
+    def handle(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        if len(data) < 12:
+            return None  # the empty datagram close() wakes the leader with
+        qid = struct.unpack("!H", data[:2])[0]
+        seen.setdefault(tag, []).append(qid)
+        gate(qid)
+        return echo(data, addr, transport)
+
+    return handle
+
+
+def test_a_shared_socket_wakes_only_the_leader_while_it_keeps_up() -> None:
+    """Two receivers on one socket (`--workers 2`): batches smaller than 32 are all
+    received by whichever took the flock first; the other never wakes."""
+    seen: dict[str, list[int]] = {}
+
+    async def run() -> None:
+        batches, port = shared("127.0.0.1", [tagged(t, seen, lambda qid: None) for t in ("a", "b")])
+        for b in batches:
+            b.start(asyncio.get_running_loop())
+        try:
+            for _ in range(10):
+                got = await asyncio.to_thread(burst, "127.0.0.1", port, 2, 5)
+                assert sum(len(v) for v in got.values()) == 10
+        finally:
+            for b in batches:
+                b.close()
+        assert len(seen) == 1 and len(next(iter(seen.values()))) == 100
+        assert [b.handoffs for b in batches] == [0, 0]
+
+    asyncio.run(run())
+
+
+def test_a_full_batch_hands_the_shared_socket_to_the_other_receiver() -> None:
+    """While the leader answers a full batch of 32, the other receiver takes the next
+    one: both answer at once. Each handler of the burst waits until the other has
+    received too, which only a hand-over makes possible (else it times out)."""
+    seen: dict[str, list[int]] = {}
+    release = threading.Event()
+    both = threading.Event()
+
+    def gate(qid: int) -> None:
+        if qid == 1:
+            release.wait(5)  # the leader holds the socket, busy: the burst queues up
+        elif qid >= 100:
+            if len(seen) == 2:
+                both.set()
+            both.wait(5)
+
+    async def run() -> None:
+        batches, port = shared("127.0.0.1", [tagged(t, seen, gate) for t in ("a", "b")])
+        for b in batches:
+            b.start(asyncio.get_running_loop())
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        try:
+            client.sendto(query(1), ("127.0.0.1", port))
+            await asyncio.to_thread(wait_until, lambda: len(seen) == 1)
+            for qid in range(100, 164):
+                client.sendto(query(qid), ("127.0.0.1", port))
+            release.set()
+            replies = [await asyncio.to_thread(client.recv, 2048) for _ in range(65)]
+        finally:
+            client.close()
+            for b in batches:
+                b.close()
+        ids = sorted(struct.unpack("!H", r[:2])[0] for r in replies)
+        assert ids == [1, *range(100, 164)]
+        assert both.is_set()
+        burst_sizes = sorted(len([q for q in v if q >= 100]) for v in seen.values())
+        assert burst_sizes == [32, 32]
+        assert sum(b.handoffs for b in batches) >= 1
+
+    asyncio.run(run())
+
+
+def test_closing_one_receiver_of_a_shared_socket_leaves_the_other_serving() -> None:
+    """close() must not shut a shared socket down (that would stop every worker): the
+    leader is woken by an empty datagram, which nobody answers, and hands on."""
+    seen: dict[str, list[int]] = {}
+
+    async def run() -> None:
+        batches, port = shared("127.0.0.1", [tagged(t, seen, lambda qid: None) for t in ("a", "b")])
+        for b in batches:
+            b.start(asyncio.get_running_loop())
+        await asyncio.to_thread(burst, "127.0.0.1", port, 1, 3)
+        leader = next(iter(seen))
+        first, second = batches if leader == "a" else batches[::-1]
+        thread = first._thread
+        assert thread is not None
+        first.close()
+        assert not thread.is_alive()
+        try:
+            got = await asyncio.to_thread(burst, "127.0.0.1", port, 2, 5)
+            assert sum(len(v) for v in got.values()) == 10
+        finally:
+            other = second._thread
+            second.close()
+        assert other is not None and not other.is_alive()
+        assert second.sock.fileno() == -1  # the last one closed its descriptor
+        assert len(seen["a"]) + len(seen["b"]) == 13 and len(seen) == 2
+
+    asyncio.run(run())
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.002)

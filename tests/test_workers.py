@@ -1,9 +1,12 @@
-"""--workers N: SO_REUSEPORT worker processes with one checker and identical views."""
+"""--workers N: worker processes with one checker and identical views; UDP shared by
+the workers (leader/follower) or a SO_REUSEPORT socket each (`worker_udp_shared`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,9 +17,11 @@ import dns.message
 import dns.query
 import pytest
 
+from geodns import metrics
 from geodns.config import Config, load_config
 from geodns.model import Health, Override, SiteState
 from geodns.view import next_version
+from geodns.workers import WorkerPool
 from tests.serverutil import REPO, run_server, wait_for, write_config
 
 ZONE = (REPO / "zones" / "example.com.zone").read_text()
@@ -43,28 +48,32 @@ def gb(host: str, port: int) -> set[str]:
     return {rd.address for rr in r.answer for rd in rr}
 
 
-def config_with_zones(tmp_path: Path) -> Config:
+def config_with_zones(tmp_path: Path, extra: str = "") -> Config:
     """The example zone with `www` steered between uk and fra, in tmp_path."""
     zones = tmp_path / "zones"
     zones.mkdir()
     (zones / "example.com.zone").write_text(ZONE)
     (zones / "example.com.geo.toml").write_text(GEO)
-    return load_config(write_config(tmp_path, SITES))
+    return load_config(write_config(tmp_path, SITES + extra))
+
+
+REUSEPORT = "[server]\nworker_udp_shared = false\n"
 
 
 def test_two_workers_answer_and_follow_one_health_view(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = config_with_zones(tmp_path)
+    """With a SO_REUSEPORT socket per worker the kernel spreads sources over both."""
+    cfg = config_with_zones(tmp_path, REUSEPORT)
     # as under `taskset -c 0`: the operator is told the two workers will share one CPU
     monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 1)
     caplog.set_level(logging.WARNING, logger="geodns.workers")
     with run_server(cfg, workers=2) as s:
         crowded = [r.getMessage() for r in caplog.records if r.name == "geodns.workers"]
         assert crowded == [
-            "--workers 2 but this process may use 1 CPU(s): workers sharing a CPU take "
-            "turns and spend more CPU per query than one would (two on one CPU: ~1.1-1.3x "
-            "at 20,000 QPS and more, bench/README.md); --workers 1 is enough here"
+            "--workers 2 but this process may use 1 CPU(s): workers sharing a CPU add no "
+            "throughput (and with worker_udp_shared = false they spend more CPU per query: "
+            "two on one CPU ~1.1-1.3x, bench/README.md); --workers 1 is enough here"
         ]
         assert s.app.pool is not None and len(s.app.pool.workers) == 2
         assert s.app.dns is None or not s.app.dns.addresses  # the main process serves no DNS
@@ -153,3 +162,90 @@ def test_usable_cpus_follows_the_affinity_mask_not_the_machine() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert full.stdout.strip() == str(len(os.sched_getaffinity(0)))
+
+
+def per_worker(pool: WorkerPool) -> list[int]:
+    """Queries each worker has reported answering (once a second)."""
+    return [sum(c for *_, c in w.last_stats.get("queries", [])) for w in pool.workers]
+
+
+def gb_wire(qid: int) -> bytes:
+    q = dns.message.make_query(
+        "www.example.com", "A", use_edns=0, options=[dns.edns.ECSOption("212.58.224.0", 24)]
+    )
+    q.id = qid
+    return q.to_wire()
+
+
+def test_shared_udp_one_worker_receives_until_a_burst_spills_to_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default: the workers share the UDP socket. One receives while it keeps up (the
+    other is never woken); a backlog of full batches is split between both."""
+    cfg = config_with_zones(tmp_path)
+    monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 2)
+    with run_server(cfg, workers=2) as s:
+        pool = s.app.pool
+        assert pool is not None
+        assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(50))
+        wait_for(lambda: sum(per_worker(pool)) >= 50)
+        assert sorted(per_worker(pool)) == [0, 50]
+        assert s.app.stats.udp_handoffs == 0
+        # both workers stopped: 256 queries queue up in the shared socket; resumed, the
+        # receiving worker's batches are full and it lets the other one take the next
+        pids = [w.proc.pid for w in pool.workers if w.proc is not None]
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for qid in range(256):
+                    client.sendto(gb_wire(qid), (s.host, s.port))
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            replies = [dns.message.from_wire(client.recv(4096)) for _ in range(256)]
+        finally:
+            client.close()
+        assert sorted(r.id for r in replies) == list(range(256))
+        for r in replies:
+            assert {rd.address for rr in r.answer for rd in rr} == {"198.51.100.10"}
+        wait_for(lambda: sum(per_worker(pool)) >= 306 and s.app.stats.udp_handoffs >= 1)
+        assert all(n > 0 for n in per_worker(pool)), per_worker(pool)
+        # the summed counter is on /metrics
+        text = metrics.render(metrics.make_registry(s.app)).decode()
+        line = next(x for x in text.splitlines() if x.startswith("geodns_udp_handoffs_total"))
+        assert float(line.split()[1]) == s.app.stats.udp_handoffs >= 1
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_worker_leaves_the_shared_udp_socket_to_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL each worker in turn (one of them is the receiving one): the kernel drops
+    its flock, the other answers at once, before the dead one is restarted; the
+    restarted one shares the socket again."""
+    cfg = config_with_zones(tmp_path)
+    monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 2)
+    with run_server(cfg, workers=2) as s:
+        pool = s.app.pool
+        assert pool is not None
+        for w in pool.workers:
+            assert w.proc is not None
+            old = w.proc.pid
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda old=old: _dead(old))
+            assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
+            wait_for(lambda w=w, old=old: w.proc is not None and w.proc.pid != old and w.serving)
+        assert [w.restarts for w in pool.workers] == [1, 1]
+        assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
