@@ -32,8 +32,11 @@ with a note):
                    transport (one recvmsg/sendmsg and one callback per datagram)
   geodns-loop      as geodns, with [server] udp_thread = false: the batches read by the
                    event loop's reader instead of a receive thread
-  geodns-workers1  `--workers 1`, fixed rate only
-  geodns-workers2  `--workers 2`, fixed rate only (both workers share CPU 0 here)
+  geodns-workers1  `--workers 1`, closed loop and the first fixed rate
+  geodns-workers2  `--workers 2` (the workers share each UDP socket, one receiving at a
+                   time), closed loop and the first fixed rate; both workers share CPU 0
+  geodns-workers2-reuseport  `--workers 2` with [server] worker_udp_shared = false: a
+                   SO_REUSEPORT socket per worker
   gdnsd-flood, geodns-flood  the first fixed rate with half the queries for names
                    asked once (random subdomains, NXDOMAIN), the other half the mix:
                    what a random-subdomain flood costs, and its worst latency
@@ -116,6 +119,7 @@ ROWS = [
     "geodns-loop",
     "geodns-workers1",
     "geodns-workers2",
+    "geodns-workers2-reuseport",
     "gdnsd-flood",
     "geodns-flood",
     "gdnsd-tcp",
@@ -126,7 +130,12 @@ TCP = "-tcp"  # rows over TCP (dnsperf -m tcp; compared with gdnsd-tcp)
 FLOOD_LINES = 600_000  # dnsperf lines: no name asked twice within a 10 s run at 40k
 CLOSED = 0  # rate 0 = closed loop
 # rows that switch one [server] key off: config name -> the key
-SWITCHES = {"nofast": "fast_path", "asyncio": "udp_batch", "loop": "udp_thread"}
+SWITCHES = {
+    "nofast": "fast_path",
+    "asyncio": "udp_batch",
+    "loop": "udp_thread",
+    "reuseport": "worker_udp_shared",
+}
 
 
 def flood_mix(lines: int) -> str:
@@ -741,11 +750,16 @@ def plans(args: argparse.Namespace, feat: Features, cfgs: dict[str, Path]) -> li
     tcp_rates = [CLOSED, args.rates[0]]
     out.append(Plan("gdnsd-tcp", [], tcp_rates, "gdnsd, the mix over TCP (1 TCP thread)"))
     out.append(Plan("geodns-tcp", geodns("base"), tcp_rates, "geodns, the mix over TCP"))
-    for n in (1, 2):
-        w = Plan(f"geodns-workers{n}", geodns("base", "--workers", str(n)), [args.rates[0]], "")
-        w.what = f"--workers {n} (SO_REUSEPORT processes, all on the server CPU)"
+    for row, cfg, n, what in (
+        ("geodns-workers1", "base", 1, "--workers 1"),
+        ("geodns-workers2", "base", 2, "--workers 2 (shared UDP sockets), both on the server CPU"),
+        ("geodns-workers2-reuseport", "reuseport", 2, "--workers 2, a SO_REUSEPORT socket each"),
+    ):
+        w = Plan(row, geodns(cfg, "--workers", str(n)), [CLOSED, args.rates[0]], what)
         if not feat.workers:
             w.skip = "`geodns serve` has no --workers flag yet"
+        elif cfg not in cfgs:
+            w.skip = f"geodns has no [server] {SWITCHES[cfg]}"
         out.append(w)
     return [p for p in out if not args.only or p.row in args.only]
 

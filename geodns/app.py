@@ -278,6 +278,7 @@ class App:
                 extra,
                 env=env,
                 pass_fds=fds,
+                stall_timeout_s=self.config.server.worker_stall_timeout_s,
             )
             await self.pool.start()
             self.worker_addresses = [parse_listen(a) for a in worker_listen]

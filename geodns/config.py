@@ -98,6 +98,11 @@ class ServerConfig:
     workers: int = _doc(
         "DNS worker processes (TCP: SO_REUSEPORT); 1 = this process serves DNS itself", 1
     )
+    worker_stall_timeout_s: float = _doc(
+        "with workers > 1: a worker that sends the main process nothing (it reports its "
+        "counters every second) for this long is killed and restarted; 0 = never",
+        10.0,
+    )
     worker_udp_shared: bool = _doc(
         "with workers > 1 (and udp_batch, udp_thread on Linux): the workers share each "
         "UDP socket and one receives at a time, handing on after a full batch of 32, so "
@@ -779,6 +784,9 @@ def load_config(path: str | Path | None = None) -> Config:
     problems += token_problems(sections["api"] or ApiConfig(), where)
     if server.max_additional_rrsets < 0:
         problems.append(f"{where}: server.max_additional_rrsets: must be >= 0")
+    if server.worker_stall_timeout_s != 0 and server.worker_stall_timeout_s < 2:
+        # workers report once a second: less would kill healthy ones
+        problems.append(f"{where}: server.worker_stall_timeout_s: must be >= 2 (or 0 = off)")
     rrl: RrlConfig = sections["rrl"] or RrlConfig()
     problems += _check_rrl(rrl, where)
 

@@ -13,7 +13,9 @@ SO_REUSEPORT UDP socket and the kernel spreads queries by source address. Health
 comes from the main process only: every published GeoState is written to each worker's
 stdin as one JSON line (states and pool versions), so all workers answer from identical
 views and nothing is checked twice. Workers write their query counters to stdout once
-a second; the main process sums them for /metrics. A worker that dies is restarted.
+a second; the main process sums them for /metrics. A worker that dies is restarted, and
+so is one that stops reporting for `[server] worker_stall_timeout_s` (killed first: a
+stopped or hung worker may hold the shared UDP socket).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +218,7 @@ class _Worker:
     reader: asyncio.Task[None] | None = None
     restarts: int = 0
     serving: bool = False  # this process said it is ready
+    last_report: float = 0.0  # clock() when it last wrote a line
 
 
 class WorkerPool:
@@ -230,6 +234,8 @@ class WorkerPool:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         pass_fds: tuple[int, ...] = (),
+        stall_timeout_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config_path = config_path
         self.listen = listen
@@ -241,6 +247,11 @@ class WorkerPool:
         # RRL table's memfd, named in the environment)
         self.env = env or {}
         self.pass_fds = pass_fds
+        # a serving worker silent this long is killed and restarted (0 = never)
+        self.stall_timeout_s = stall_timeout_s
+        self.clock = clock
+        self.stalls = 0  # workers killed for it
+        self._watchdog: asyncio.Task[None] | None = None
         self.workers = [_Worker(i) for i in range(count)]
         self.ready = asyncio.Event()
         self._ready_count = 0
@@ -274,6 +285,8 @@ class WorkerPool:
         self._on_geo = changed
         self.holder.geo_listeners.append(changed)
         self._watch = asyncio.create_task(self._follow_health())
+        if self.stall_timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._kill_stalled())
 
     async def _spawn(self, w: _Worker) -> None:
         w.serving = False
@@ -300,6 +313,7 @@ class WorkerPool:
             line = await w.proc.stdout.readline()
             if not line:
                 break
+            w.last_report = self.clock()
             try:
                 msg = json.loads(line)
             except ValueError:
@@ -319,6 +333,32 @@ class WorkerPool:
             log.error("worker %d exited with %s; restarting", w.index, w.proc.returncode)
             await asyncio.sleep(min(5.0, 0.2 * w.restarts))
             await self._spawn(w)
+
+    async def _kill_stalled(self) -> None:
+        """Kill a serving worker that has written nothing (its once-a-second counters)
+        for stall_timeout_s: its event loop is stuck, or it was stopped. With shared UDP
+        sockets it may hold the receive flock, and then nobody answers UDP until it is
+        gone; _read restarts it."""
+        step = min(1.0, self.stall_timeout_s / 4)
+        while True:
+            await asyncio.sleep(step)
+            now = self.clock()
+            for w in self.workers:
+                proc = w.proc
+                if proc is None or proc.returncode is not None or not w.serving:
+                    continue
+                silent = now - w.last_report
+                if silent >= self.stall_timeout_s:
+                    log.error(
+                        "worker %d (pid %d) sent nothing for %.1f s: killing it",
+                        w.index,
+                        proc.pid,
+                        silent,
+                    )
+                    w.serving = False
+                    self.stalls += 1
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
 
     async def _follow_health(self) -> None:
         """Push every newly published GeoState to all workers.
@@ -342,6 +382,8 @@ class WorkerPool:
             self.holder.geo_listeners.remove(self._on_geo)
         if self._watch is not None:
             self._watch.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 w.proc.terminate()
