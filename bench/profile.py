@@ -23,7 +23,8 @@ ECS 81.2.69.0/24, the exact bytes dnsperf sends):
 3. One process vs two on the same CPU at that rate (what `--workers 2` costs where both
    workers share one CPU): CPU per query and wakeups per query for gdnsd with 1 and 2 UDP
    threads and as 1 and 2 processes, the echo server as 1 and 2 SO_REUSEPORT processes,
-   geodns --workers 1 and 2, and geodns at half the rate (what each of two workers sees).
+   geodns --workers 1 and 2 (shared UDP sockets, the default, and a SO_REUSEPORT socket
+   per worker), and geodns at half the rate (what each of two workers sees).
 
 Installs nothing; `perf` (Debian linux-perf) is optional: without it part 2 reports only
 the /proc split.
@@ -642,6 +643,10 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
         ("echo, 1 vs 2 processes", [py, "-c", ECHO, "PORT", tail[2:].hex(), "1"], ["2"]),
         ("geodns --workers 1 vs 2", [*geodns, "1"], ["2"]),
     ]
+    if "reuseport" in cfgs:
+        # the same with a SO_REUSEPORT socket per worker instead of shared ones
+        reuse = [py, "-m", "geodns", "--config", str(cfgs["reuseport"]), "serve", "--workers"]
+        pairs.append(("geodns --workers 1 vs 2, reuseport", [*reuse, "1"], ["2"]))
     if gdnsd is not None:
         pairs.insert(0, ("gdnsd, 1 vs 2 UDP threads", [gdnsd, "THREADS1"], ["THREADS2"]))
         pairs.insert(1, ("gdnsd, 1 vs 2 processes", [gdnsd, "PROCS1"], ["PROCS2"]))
@@ -703,7 +708,7 @@ def part_workers(args: argparse.Namespace, root: Path, cfgs: dict[str, Path]) ->
             try:
                 one = measure(name + " (1)", argv, rate)
                 two = measure(name + " (2)", [*argv[:-1], *second], rate)
-                if argv[0] != gdnsd and "geodns" in argv and rnd == 0:
+                if argv[0] != gdnsd and "geodns" in argv and rnd == 0 and not half:
                     h = measure(name + " (1, half rate)", argv, rate // 2)
                     half = (
                         f"\ngeodns --workers 1 at {rate // 2:,} QPS (the rate each of two "
@@ -771,6 +776,10 @@ def main() -> int:
         if feat.rrl_counted:
             cfgs["rrl-counted"] = run.write_geodns(
                 root, "geodns-rrl-counted", mmdb, feat.rrl_config("counted")
+            )
+        if "worker_udp_shared" in feat.server:
+            cfgs["reuseport"] = run.write_geodns(
+                root, "geodns-reuseport", mmdb, feat.rrl_config("off"), "worker_udp_shared = false"
             )
         out.append(
             f"geodns {head}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
