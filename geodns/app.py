@@ -28,14 +28,14 @@ from .policytests import country_locations, make_validator
 from .reload import ZoneReloader, ZoneStatus
 from .rrl import FD_ENV, SharedTable
 from .rrl import from_config as rrl_from_config
-from .server import DnsServer, HandleFn, TcpLimits, bind_sockets, bind_tcp, logging_handler
+from .server import DnsServer, HandleFn, TcpLimits, bind_sockets, bind_udp, logging_handler
 from .store import Store
 from .view import Catalog, GeoState, View, ViewHolder, next_version
 from .workers import (
-    UDP_ENV,
+    SOCKETS_ENV,
     WorkerPool,
-    attach_udp,
-    share_udp,
+    attach_sockets,
+    share_sockets,
     worker_stats_loop,
     worker_stdin_loop,
 )
@@ -68,9 +68,9 @@ class App:
         self.workers = config.server.workers if workers is None else workers
         self.worker_mode = worker_mode
         self.pool: WorkerPool | None = None
-        # --workers N with [server] worker_udp_shared: the UDP sockets this process
-        # binds and its workers inherit (it never reads them)
-        self.shared_udp: list[socket.socket] = []
+        # --workers N: the (UDP or None, TCP) sockets this process binds and its workers
+        # inherit (it never reads them)
+        self.worker_sockets: list[tuple[socket.socket | None, socket.socket]] = []
         self.catalog = Catalog()
         self.zone_status: dict[str, ZoneStatus] = {}
         self.stats = Stats()
@@ -201,28 +201,32 @@ class App:
             api_plan = None  # the main process serves the API
         sockets = []
         worker_listen: list[str] = []
-        shared = os.environ.get(UDP_ENV) if self.worker_mode else None
-        inherited = attach_udp(shared) if shared else []
+        passed = os.environ.get(SOCKETS_ENV) if self.worker_mode else None
+        inherited = attach_sockets(passed) if passed else []
         if inherited and len(inherited) != len(self.listen):
-            raise ValueError(f"{UDP_ENV}: {len(inherited)} sockets, {len(self.listen)} addresses")
+            raise ValueError(f"{SOCKETS_ENV}: {len(inherited)} entries, {len(self.listen)} listen")
         leaders: dict[int, int] = {}
         for i, addr in enumerate(self.listen):
             host, port = parse_listen(addr)
             if self.workers > 1 and not self.worker_mode:
-                if self._share_udp():
-                    # this process binds UDP (before dropping privileges) and the
-                    # workers inherit it; they bind TCP themselves
-                    udp, tcp = bind_sockets(host, port, reuse_port=True, udp_reuse_port=False)
-                    tcp.close()
-                    self.shared_udp.append(udp)
-                    worker_listen.append(_listen_text(host, udp.getsockname()[1]))
+                # this process binds (before dropping privileges: port 53 with [server]
+                # user) and the workers inherit; it serves no DNS itself
+                shared = self._share_udp()
+                if not shared:
+                    self._check_worker_bind(port)
+                udp, tcp = bind_sockets(host, port, udp_reuse_port=not shared)
+                if not shared:
+                    udp.close()  # it only chose the port: each worker binds its own
+                self.worker_sockets.append((udp if shared else None, tcp))
+                worker_listen.append(_listen_text(host, tcp.getsockname()[1]))
+                continue
+            if inherited:
+                udp_in, tcp, leader = inherited[i]
+                if udp_in is None:
+                    udp_in = bind_udp(host, port, reuse_port=True)
                 else:
-                    worker_listen.append(_concrete_port(host, port))
-                continue  # the workers serve DNS; this process does not
-            if self.worker_mode and inherited:
-                udp, leader = inherited[i]
-                leaders[udp.fileno()] = leader
-                sockets.append((udp, bind_tcp(host, port, reuse_port=True)))
+                    leaders[udp_in.fileno()] = leader
+                sockets.append((udp_in, tcp))
                 continue
             sockets.append(bind_sockets(host, port, reuse_port=self.worker_mode))
         if api_plan is not None:
@@ -266,9 +270,8 @@ class App:
             if self.rrl_table is not None and self.rrl_table.fd is not None:
                 env[FD_ENV] = str(self.rrl_table.fd)
                 fds = (self.rrl_table.fd,)
-            if self.shared_udp:
-                env[UDP_ENV], udp_fds = share_udp(self.shared_udp)
-                fds += udp_fds
+            env[SOCKETS_ENV], passed_fds = share_sockets(self.worker_sockets)
+            fds += passed_fds
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,
@@ -292,6 +295,15 @@ class App:
     def _count_handoffs(self) -> None:
         if self.dns is not None:
             self.stats.udp_handoffs = self.dns.udp_handoffs()
+
+    def _check_worker_bind(self, port: int) -> None:
+        """Workers with a SO_REUSEPORT UDP socket each bind it themselves, after this
+        process has dropped privileges: a port below 1024 would fail in every worker."""
+        if self.config.server.user and os.getuid() == 0 and 0 < port < 1024:
+            raise OSError(
+                f"port {port}: with [server] user and worker_udp_shared = false the workers "
+                "bind UDP after dropping privileges; use the shared sockets (the default)"
+            )
 
     def _share_udp(self) -> bool:
         """Whether --workers share each UDP socket (see workers.py)."""
@@ -455,8 +467,10 @@ class App:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.stop()
-        for sock in self.shared_udp:
-            sock.close()
+        for udp, tcp in self.worker_sockets:
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
         for task in getattr(self, "_worker_tasks", []):
             task.cancel()
         if self.api is not None:
@@ -514,16 +528,6 @@ async def run_checker_forever(config: Config) -> None:
     await stopping.wait()
     await health.stop()
     store.close()
-
-
-def _concrete_port(host: str, port: int) -> str:
-    """Workers must share one port: with port 0, pick one now (SO_REUSEPORT probe)."""
-    if port == 0:
-        udp, tcp = bind_sockets(host, 0, reuse_port=True)
-        port = udp.getsockname()[1]
-        udp.close()
-        tcp.close()
-    return _listen_text(host, port)
 
 
 def _listen_text(host: str, port: int) -> str:

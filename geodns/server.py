@@ -356,17 +356,11 @@ def bind_sockets(
     number happens to be taken for TCP). `udp_reuse_port` (default: `reuse_port`) sets
     SO_REUSEPORT on the UDP socket alone.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     udp_reuse = reuse_port if udp_reuse_port is None else udp_reuse_port
     for attempt in range(20):
-        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp = bind_udp(host, port, udp_reuse)
         try:
-            _options(udp, udp_reuse)
-            _grow_buffers(udp)
-            udp.bind((host, port))
-            tcp = bind_tcp(host, udp.getsockname()[1], reuse_port)
-            udp.setblocking(False)
-            return udp, tcp
+            return udp, bind_tcp(host, udp.getsockname()[1], reuse_port)
         except OSError:
             udp.close()
             if port != 0 or attempt == 19:
@@ -374,9 +368,23 @@ def bind_sockets(
     raise AssertionError("unreachable")
 
 
+def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The UDP socket of one listen address, with large buffers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        _options(udp, reuse_port)
+        _grow_buffers(udp)
+        udp.bind((host, port))
+        udp.setblocking(False)
+    except OSError:
+        udp.close()
+        raise
+    return udp
+
+
 def bind_tcp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """The listening TCP socket of one listen address (a worker beside a shared UDP
-    socket binds only this one)."""
+    """The listening TCP socket of one listen address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tcp = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -3,13 +3,14 @@
 The main process runs the health checker, the store and the ops API, and loads the
 zones (for /v1/zones and explain); it serves no DNS itself. Each worker is
 `geodns serve-worker`: it loads and watches the same zone files itself and answers DNS.
-TCP: each worker listens on its own SO_REUSEPORT socket; the kernel spreads connections.
-UDP (`[server] worker_udp_shared`, the default where udpbatch's receive thread runs):
-the main process binds each UDP socket and the workers inherit it, with a memfd whose
-flock says which worker receives (leader/follower, udpbatch.BatchUdp): on a CPU the
-workers share, a burst wakes one process, not each (bench/README.md, "`--workers 2` on
-one CPU"), and a worker that dies drops its flock. Otherwise each worker binds its own
-SO_REUSEPORT UDP socket and the kernel spreads queries by source address. Health
+The main process binds the sockets before it drops privileges (port 53 with `[server]
+user`) and the workers inherit them. TCP: one listening socket per address, accepted
+from by every worker. UDP (`[server] worker_udp_shared`, the default where udpbatch's
+receive thread runs): one socket per address too, with a memfd whose flock says which
+worker receives (leader/follower, udpbatch.BatchUdp): on a CPU the workers share, a
+burst wakes one process, not each (bench/README.md, "`--workers 2` on one CPU"), and a
+worker that dies drops its flock. Otherwise each worker binds its own SO_REUSEPORT UDP
+socket and the kernel spreads queries by source address. Health
 comes from the main process only: every published GeoState is written to each worker's
 stdin as one JSON line (states and pool versions), so all workers answer from identical
 views and nothing is checked twice. Workers write their query counters to stdout once
@@ -41,8 +42,9 @@ from .view import GeoState, ViewHolder
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0
-# the UDP sockets a worker inherits: "socket_fd:flock_fd" per listen address, in order
-UDP_ENV = "GEODNS_SHARED_UDP"
+# the sockets a worker inherits, per listen address in order: "udp_fd:tcp_fd:flock_fd"
+# (udp_fd and flock_fd -1: the worker binds a SO_REUSEPORT UDP socket of its own)
+SOCKETS_ENV = "GEODNS_SOCKETS"
 COALESCE_S = 0.02  # health publishes closer together than this reach workers as one line
 
 
@@ -162,30 +164,40 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
         setattr(into, k, v)
 
 
-def share_udp(sockets: list[socket.socket]) -> tuple[str, tuple[int, ...]]:
-    """Main side: the UDP_ENV value and the descriptors to pass for shared sockets.
-
-    Each socket gets a memfd of its own; its flock marks the worker that receives."""
+def share_sockets(
+    pairs: list[tuple[socket.socket | None, socket.socket]],
+) -> tuple[str, tuple[int, ...]]:
+    """Main side: the SOCKETS_ENV value and the descriptors to pass, for (UDP or None,
+    TCP) per listen address. Each shared UDP socket gets a memfd whose flock marks the
+    worker that receives."""
     parts = []
     fds: list[int] = []
-    for sock in sockets:
+    for udp, tcp in pairs:
+        if udp is None:
+            parts.append(f"-1:{tcp.fileno()}:-1")
+            fds.append(tcp.fileno())
+            continue
         lock = os.memfd_create("geodns-udp-leader", os.MFD_CLOEXEC)
-        parts.append(f"{sock.fileno()}:{lock}")
-        fds += [sock.fileno(), lock]
+        parts.append(f"{udp.fileno()}:{tcp.fileno()}:{lock}")
+        fds += [udp.fileno(), tcp.fileno(), lock]
     return ",".join(parts), tuple(fds)
 
 
-def attach_udp(value: str) -> list[tuple[socket.socket, int]]:
-    """Worker side: the inherited UDP sockets, each with a flock descriptor of this
-    process's own (reopened through /proc: an inherited descriptor shares its open file
-    description, and so its flock, with the main process and every other worker)."""
-    out = []
+def attach_sockets(value: str) -> list[tuple[socket.socket | None, socket.socket, int]]:
+    """Worker side: the inherited (UDP or None, TCP, flock descriptor or -1) per address.
+
+    The flock descriptor is reopened through /proc: an inherited one shares its open file
+    description, and so its flock, with the main process and every other worker."""
+    out: list[tuple[socket.socket | None, socket.socket, int]] = []
     for part in value.split(","):
-        sock_fd, lock_fd = (int(x) for x in part.split(":"))
-        sock = socket.socket(fileno=sock_fd)
+        udp_fd, tcp_fd, lock_fd = (int(x) for x in part.split(":"))
+        tcp = socket.socket(fileno=tcp_fd)
+        if udp_fd < 0:
+            out.append((None, tcp, -1))
+            continue
         own = os.open(f"/proc/self/fd/{lock_fd}", os.O_RDWR | os.O_CLOEXEC)
         os.close(lock_fd)
-        out.append((sock, own))
+        out.append((socket.socket(fileno=udp_fd), tcp, own))
     return out
 
 
