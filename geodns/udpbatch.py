@@ -144,6 +144,8 @@ class BatchUdp:
         libc = _load()
         if libc is None:
             raise OSError("recvmmsg/sendmmsg are not available")
+        if leader_fd is not None and lock is None:
+            raise ValueError("a shared socket is received from by the thread: give a lock")
         self._libc = libc
         self.sock = sock
         self.fd = sock.fileno()

@@ -352,9 +352,16 @@ class WorkerPool:
         sockets it may hold the receive flock, and then nobody answers UDP until it is
         gone; _read restarts it."""
         step = min(1.0, self.stall_timeout_s / 4)
+        last = self.clock()
         while True:
             await asyncio.sleep(step)
             now = self.clock()
+            if now - last > 2 * step:
+                # this process was not running either (its loop blocked, the host
+                # paused): the workers' lines may be waiting unread; start again
+                for w in self.workers:
+                    w.last_report = max(w.last_report, now)
+            last = now
             for w in self.workers:
                 proc = w.proc
                 if proc is None or proc.returncode is not None or not w.serving:

@@ -524,3 +524,19 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.002)
+
+
+def test_a_shared_socket_needs_the_receive_thread() -> None:
+    """Only the receive thread takes the flock: the event loop's reader on a shared
+    socket would be woken with every other worker, so it is refused."""
+    udp, tcp = bind_sockets("127.0.0.1", 0)
+    tcp.close()
+    lock_file = os.memfd_create("test-leader", os.MFD_CLOEXEC)
+    try:
+        with pytest.raises(ValueError, match="give a lock"):
+            udpbatch.BatchUdp(udp, echo, leader_fd=lock_file)
+        with pytest.raises(ValueError, match="needs udp_batch and udp_thread"):
+            asyncio.run(DnsServer(echo).start([(udp, tcp)], {udp.fileno(): lock_file}))
+    finally:
+        udp.close()
+        os.close(lock_file)

@@ -3,6 +3,7 @@ the workers (leader/follower) or a SO_REUSEPORT socket each (`worker_udp_shared`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,9 +24,10 @@ from geodns import metrics
 from geodns.app import App
 from geodns.config import Config, load_config
 from geodns.errors import ConfigError
+from geodns.handler import Stats
 from geodns.model import Health, Override, SiteState
-from geodns.view import next_version
-from geodns.workers import WorkerPool
+from geodns.view import Catalog, GeoState, View, ViewHolder, next_version
+from geodns.workers import WorkerPool, _Worker
 from tests.serverutil import REPO, run_server, wait_for, write_config
 
 ZONE = (REPO / "zones" / "example.com.zone").read_text()
@@ -138,7 +140,7 @@ def test_a_burst_of_health_changes_reaches_every_worker_as_its_last_state(
 
 
 def test_view_holder_tells_listeners_of_each_new_geo_state() -> None:
-    from geodns.view import Catalog, GeoState, View, ViewHolder
+    from geodns.view import GeoState
 
     holder = ViewHolder(View(Catalog(), GeoState({}, {}, {})))
     seen: list[GeoState] = []
@@ -341,3 +343,55 @@ def test_reuseport_workers_with_a_user_refuse_a_privileged_port(
     with pytest.raises(OSError, match=r"port 53: with \[server\] user and worker_udp_shared"):
         app._check_worker_bind(53)
     app._check_worker_bind(1053)
+
+
+class _FakeProc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_the_watchdog_kills_a_silent_worker_but_not_after_its_own_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With an injected clock: a serving worker silent for worker_stall_timeout_s is
+    killed (once), one that reports is not, and when the main process itself did not
+    run for a while (its loop blocked: the workers' lines wait unread) nobody is."""
+    now = [100.0]
+    advance = [0.5]
+    real_sleep = asyncio.sleep
+
+    async def tick(_s: float) -> None:
+        now[0] += advance[0]
+        await real_sleep(0)
+
+    monkeypatch.setattr("geodns.workers.asyncio.sleep", tick)
+    holder, stats = ViewHolder(View(Catalog(), GeoState({}, {}, {}, 1))), Stats()
+    pool = WorkerPool(
+        Path("x.toml"), [], 2, holder, stats, stall_timeout_s=2.0, clock=lambda: now[0]
+    )
+    silent, talking = (_Worker(i, serving=True, last_report=100.0) for i in range(2))
+    silent.proc, talking.proc = _FakeProc(11), _FakeProc(12)
+    pool.workers = [silent, talking]
+
+    async def run() -> None:
+        task = asyncio.create_task(pool._kill_stalled())
+        # the main process stalls 30 s: both look silent, neither is killed
+        advance[0] = 30.0
+        await real_sleep(0)
+        await real_sleep(0)
+        assert not silent.proc.killed and not talking.proc.killed
+        advance[0] = 0.5
+        for _ in range(8):  # 4 s in steps of 0.5 s; only `talking` reports
+            talking.last_report = now[0]
+            await real_sleep(0)
+        task.cancel()
+
+    asyncio.run(run())
+    assert silent.proc.killed and not silent.serving
+    assert not talking.proc.killed
+    assert pool.stalls == 1
