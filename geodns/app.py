@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from . import geo, ops, pick, udpbatch
 from .cache import PacketCache
@@ -199,7 +198,9 @@ class App:
         )
         if self.worker_mode:
             api_plan = None  # the main process serves the API
-        sockets = []
+        # (UDP, TCP) per address; UDP None: bound by _start_worker (see there)
+        sockets: list[tuple[socket.socket | None, socket.socket]] = []
+        late_udp: dict[int, tuple[str, int]] = {}
         worker_listen: list[str] = []
         passed = os.environ.get(SOCKETS_ENV) if self.worker_mode else None
         inherited = attach_sockets(passed) if passed else []
@@ -222,10 +223,12 @@ class App:
                 continue
             if inherited:
                 udp_in, tcp, leader = inherited[i]
-                if udp_in is None:
-                    udp_in = bind_udp(host, port, reuse_port=True)
-                else:
+                if udp_in is not None:
                     leaders[udp_in.fileno()] = leader
+                else:
+                    # a SO_REUSEPORT socket of its own, bound once the zones are in
+                    # (_start_worker): bound now, its share of the sources would wait
+                    late_udp[i] = (host, port)
                 sockets.append((udp_in, tcp))
                 continue
             sockets.append(bind_sockets(host, port, reuse_port=self.worker_mode))
@@ -236,11 +239,12 @@ class App:
             except OSError:
                 for pair in sockets:
                     for sock in pair:
-                        sock.close()
+                        if sock is not None:
+                            sock.close()
                 raise
         _drop_privileges(srv.user)
         if self.worker_mode:
-            await self._start_worker(sockets, limits, leaders)
+            await self._start_worker(sockets, limits, leaders, late_udp)
             return
         self.store = self._open_store()
         self.health = HealthManager(
@@ -260,7 +264,8 @@ class App:
         # persisted health and overrides are in the view before the first answer
         await self.health.start()
         self.dns = self._dns_server(limits)
-        await self.dns.start(sockets)
+        # this process serves DNS itself: it bound every UDP socket above
+        await self.dns.start([(udp, tcp) for udp, tcp in sockets if udp is not None])
         report = await asyncio.to_thread(self.reloader.initial_load)
         await self.reloader.start()
         if worker_listen:
@@ -311,16 +316,26 @@ class App:
         return srv.worker_udp_shared and srv.udp_batch and srv.udp_thread and udpbatch.available()
 
     async def _start_worker(
-        self, sockets: list[tuple[Any, Any]], limits: TcpLimits, leaders: dict[int, int]
+        self,
+        sockets: list[tuple[socket.socket | None, socket.socket]],
+        limits: TcpLimits,
+        leaders: dict[int, int],
+        late_udp: dict[int, tuple[str, int]],
     ) -> None:
         """`serve-worker`: DNS only; health from the main process over stdin."""
         self._worker_tasks = [
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
             asyncio.create_task(worker_stats_loop(self.stats, self._count_handoffs)),
         ]
-        self.dns = self._dns_server(limits)
-        await self.dns.start(sockets, leaders)
+        # zones first, then DNS: a worker restarted while the others serve must not
+        # receive (and answer SERVFAIL) before it has its zones
         await asyncio.to_thread(self.reloader.initial_load)
+        bound = [
+            (udp if udp is not None else bind_udp(*late_udp[i], reuse_port=True), tcp)
+            for i, (udp, tcp) in enumerate(sockets)
+        ]
+        self.dns = self._dns_server(limits)
+        await self.dns.start(bound, leaders)
         await self.reloader.start()
         self.ready = True
         sys.stdout.buffer.write(b'{"ready": true}\n')

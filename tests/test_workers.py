@@ -395,3 +395,52 @@ def test_the_watchdog_kills_a_silent_worker_but_not_after_its_own_pause(
     assert silent.proc.killed and not silent.serving
     assert not talking.proc.killed
     assert pool.stalls == 1
+
+
+def _waiting_on_fifo(pid: int) -> bool:
+    """A thread of the process sleeps in open() of a FIFO no one writes yet."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for t in tasks:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{t}/wchan") as f:
+            if f.read() == "wait_for_partner":
+                return True
+    return False
+
+
+def test_a_restarted_worker_receives_only_once_its_zones_are_loaded(tmp_path: Path) -> None:
+    """A worker restarted beside a serving one loads its zones before it joins the
+    shared UDP socket: else, handed the socket by a full batch, it would answer
+    SERVFAIL for every zone still loading. Its load is held deterministically: a new
+    zone file is a FIFO nobody writes to yet (the running processes do not watch)."""
+    cfg_path = tmp_path / "geodns.toml"
+    config_with_zones(tmp_path)
+    cfg_path.write_text(cfg_path.read_text().replace("[zones]\n", "[zones]\nwatch = false\n"))
+    cfg = load_config(cfg_path)
+    with run_server(cfg, workers=2) as s:
+        pool = s.app.pool
+        assert pool is not None
+        assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(10))
+        wait_for(lambda: sum(per_worker(pool)) >= 10)
+        restarted = next(w for w, n in zip(pool.workers, per_worker(pool), strict=True) if not n)
+        fifo = tmp_path / "zones" / "aaa.test.zone"  # loaded before example.com
+        os.mkfifo(fifo)
+        assert restarted.proc is not None
+        old = restarted.proc.pid
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: restarted.proc is not None and restarted.proc.pid != old)
+        assert restarted.proc is not None
+        new = restarted.proc.pid
+        wait_for(lambda: _waiting_on_fifo(new), what="the restarted worker loading its zones")
+        # bursts of full batches: the serving worker hands over 8 times per burst; every
+        # answer is the real one (burst_while_stopped checks), none a SERVFAIL
+        for _ in range(3):
+            burst_while_stopped(pool, s.host, s.port)
+        assert not restarted.serving
+        with open(fifo, "w") as f:
+            f.write("$ORIGIN aaa.test.\n@ 300 IN SOA ns hm 1 7200 3600 1209600 300\n")
+            f.write("@ 300 IN NS ns.example.com.\n")
+        wait_for(lambda: restarted.serving, what="the restarted worker serving")
+        burst_while_stopped(pool, s.host, s.port)
