@@ -70,6 +70,7 @@ class App:
         # --workers N: the (UDP or None, TCP) sockets this process binds and its workers
         # inherit (it never reads them)
         self.worker_sockets: list[tuple[socket.socket | None, socket.socket]] = []
+        self._flock_files: list[int] = []  # their memfds (workers.share_sockets)
         self.catalog = Catalog()
         self.zone_status: dict[str, ZoneStatus] = {}
         self.stats = Stats()
@@ -110,9 +111,11 @@ class App:
         self.config_error: list[str] | None = None
         self._geoip_task: asyncio.Task[None] | None = None
 
-    def _dns_server(self, limits: TcpLimits) -> DnsServer:
+    def _dns_server(self, limits: TcpLimits, shared_udp: bool = False) -> DnsServer:
         """The DNS listeners' query function: packet cache, else the handler; logged per
-        query with `[server] query_log`."""
+        query with `[server] query_log`. `shared_udp`: a worker handed shared UDP
+        sockets receives with the batch thread whatever the config file says now (it
+        may have been edited since the main process chose)."""
         handle: HandleFn = self.cache.handle if self.cache else self.handler.handle
         if self.config.server.query_log:
             handle = logging_handler(handle)
@@ -124,9 +127,9 @@ class App:
         return DnsServer(
             handle,
             limits,
-            udp_batch=server.udp_batch,
+            udp_batch=server.udp_batch or shared_udp,
             on_send_dropped=send_dropped,
-            lock=self.catalog.lock if server.udp_thread else None,
+            lock=self.catalog.lock if server.udp_thread or shared_udp else None,
         )
 
     def _make_handler(self) -> Handler:
@@ -277,6 +280,8 @@ class App:
                 fds = (self.rrl_table.fd,)
             env[SOCKETS_ENV], passed_fds = share_sockets(self.worker_sockets)
             fds += passed_fds
+            own = {s.fileno() for pair in self.worker_sockets for s in pair if s is not None}
+            self._flock_files = [fd for fd in passed_fds if fd not in own]
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,
@@ -323,6 +328,7 @@ class App:
         late_udp: dict[int, tuple[str, int]],
     ) -> None:
         """`serve-worker`: DNS only; health from the main process over stdin."""
+        _keep_stdout_to_self()
         self._worker_tasks = [
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
             asyncio.create_task(worker_stats_loop(self.stats, self._count_handoffs)),
@@ -334,7 +340,7 @@ class App:
             (udp if udp is not None else bind_udp(*late_udp[i], reuse_port=True), tcp)
             for i, (udp, tcp) in enumerate(sockets)
         ]
-        self.dns = self._dns_server(limits)
+        self.dns = self._dns_server(limits, shared_udp=bool(leaders))
         await self.dns.start(bound, leaders)
         await self.reloader.start()
         self.ready = True
@@ -486,6 +492,9 @@ class App:
             for sock in (udp, tcp):
                 if sock is not None:
                     sock.close()
+        for fd in self._flock_files:
+            os.close(fd)
+        self._flock_files = []
         for task in getattr(self, "_worker_tasks", []):
             task.cancel()
         if self.api is not None:
@@ -543,6 +552,18 @@ async def run_checker_forever(config: Config) -> None:
     await stopping.wait()
     await health.stop()
     store.close()
+
+
+def _keep_stdout_to_self() -> None:
+    """A worker's stdout is its channel to the main process, which restarts it when the
+    channel ends. Children it starts (zone-load and zone-cache processes) must not keep
+    the channel open after it dies: they get /dev/null as stdout, and this process writes
+    to a descriptor of its own that no child inherits."""
+    channel = os.dup(1)  # not inheritable (PEP 446)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stdout = os.fdopen(channel, "w", encoding="utf-8")
 
 
 def _listen_text(host: str, port: int) -> str:

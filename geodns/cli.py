@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=int,
-        help="DNS worker processes on the same addresses (SO_REUSEPORT); default [server]",
+        help="DNS worker processes on the same addresses; default [server] workers",
     )
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("serve-worker", help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ directory of the config file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -96,7 +97,9 @@ class ServerConfig:
         100000,
     )
     workers: int = _doc(
-        "DNS worker processes (TCP: SO_REUSEPORT); 1 = this process serves DNS itself", 1
+        "DNS worker processes on sockets the main process binds; 1 = this process serves "
+        "DNS itself",
+        1,
     )
     worker_stall_timeout_s: float = _doc(
         "with workers > 1: a worker that sends the main process nothing (it reports its "
@@ -784,7 +787,9 @@ def load_config(path: str | Path | None = None) -> Config:
     problems += token_problems(sections["api"] or ApiConfig(), where)
     if server.max_additional_rrsets < 0:
         problems.append(f"{where}: server.max_additional_rrsets: must be >= 0")
-    if server.worker_stall_timeout_s != 0 and server.worker_stall_timeout_s < 2:
+    if not math.isfinite(server.worker_stall_timeout_s) or (
+        server.worker_stall_timeout_s != 0 and server.worker_stall_timeout_s < 2
+    ):
         # workers report once a second: less would kill healthy ones
         problems.append(f"{where}: server.worker_stall_timeout_s: must be >= 2 (or 0 = off)")
     rrl: RrlConfig = sections["rrl"] or RrlConfig()

@@ -296,7 +296,7 @@ class BatchUdp:
             # thread closes the descriptors itself (it may still be in flock now).
             self._stopping = True
             self._wake()
-            self._thread.join(1)
+            self._thread.join(0.2)  # the leader wakes in ms; a follower may wait on
             self._thread = None
             self.loop = None
             return

@@ -321,8 +321,16 @@ class WorkerPool:
     async def _read(self, w: _Worker) -> None:
         assert w.proc is not None and w.proc.stdout is not None
         counted = False
+        # the end is the process's exit, not EOF: a child it left behind (e.g. a zone
+        # cache compile) may hold its stdout open
+        exited = asyncio.ensure_future(w.proc.wait())
         while True:
-            line = await w.proc.stdout.readline()
+            reading = asyncio.ensure_future(w.proc.stdout.readline())
+            await asyncio.wait((reading, exited), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                reading.cancel()
+                break
+            line = reading.result()
             if not line:
                 break
             w.last_report = self.clock()
@@ -339,12 +347,13 @@ class WorkerPool:
                 continue
             w.last_stats = msg
             sum_stats([x.last_stats for x in self.workers if x.last_stats], self.stats)
-        await w.proc.wait()
+        await exited
         if not self._stopping:
             w.restarts += 1
             log.error("worker %d exited with %s; restarting", w.index, w.proc.returncode)
             await asyncio.sleep(min(5.0, 0.2 * w.restarts))
-            await self._spawn(w)
+            if not self._stopping:  # stop() may have begun during the back-off
+                await self._spawn(w)
 
     async def _kill_stalled(self) -> None:
         """Kill a serving worker that has written nothing (its once-a-second counters)

@@ -329,6 +329,10 @@ def test_worker_stall_timeout_below_two_seconds_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="worker_stall_timeout_s: must be >= 2"):
         load_config(path)
     assert load_config(write_config(tmp_path, "[server]\nworker_stall_timeout_s = 0\n"))
+    for odd in ("nan", "inf"):  # TOML floats that would switch the watchdog off silently
+        path = write_config(tmp_path, f"[server]\nworker_stall_timeout_s = {odd}\n")
+        with pytest.raises(ConfigError, match="worker_stall_timeout_s: must be >= 2"):
+            load_config(path)
 
 
 def test_reuseport_workers_with_a_user_refuse_a_privileged_port(
@@ -444,3 +448,59 @@ def test_a_restarted_worker_receives_only_once_its_zones_are_loaded(tmp_path: Pa
             f.write("@ 300 IN NS ns.example.com.\n")
         wait_for(lambda: restarted.serving, what="the restarted worker serving")
         burst_while_stopped(pool, s.host, s.port)
+
+
+def test_a_worker_restarted_after_the_config_changed_keeps_the_shared_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config file now says udp_thread = false, but the main process handed out
+    shared sockets: a restarted worker receives from them with the batch thread anyway
+    (before, it refused them and exited, again and again)."""
+    cfg = config_with_zones(tmp_path)
+    monkeypatch.setattr("geodns.workers.usable_cpus", lambda: 2)
+    with run_server(cfg, workers=2) as s:
+        pool = s.app.pool
+        assert pool is not None
+        path = tmp_path / "geodns.toml"
+        path.write_text(path.read_text() + "[server]\nudp_thread = false\nudp_batch = false\n")
+        for w in pool.workers:
+            assert w.proc is not None
+            old = w.proc.pid
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda w=w, old=old: w.proc is not None and w.proc.pid != old and w.serving)
+            assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(10))
+        assert [w.restarts for w in pool.workers] == [1, 1]
+
+
+class _ExitedProc:
+    """A worker that has exited while something else still holds its stdout open."""
+
+    pid = 4242
+    returncode = -9
+
+    def __init__(self) -> None:
+        self.stdout = asyncio.StreamReader()  # no EOF ever comes
+
+    async def wait(self) -> int:
+        return self.returncode
+
+
+def test_a_worker_is_restarted_when_it_exits_even_if_its_stdout_stays_open() -> None:
+    """A child the worker left behind (a zone-cache compile) may keep the pipe open:
+    the restart follows the process's exit, not the pipe's EOF."""
+    holder = ViewHolder(View(Catalog(), GeoState({}, {}, {}, 1)))
+    pool = WorkerPool(Path("x.toml"), [], 1, holder, Stats())
+    respawned: list[int] = []
+
+    async def spawn(w: _Worker) -> None:
+        respawned.append(w.index)
+
+    pool._spawn = spawn  # type: ignore[method-assign]
+    w = pool.workers[0]
+
+    async def run() -> None:
+        w.proc = _ExitedProc()  # type: ignore[assignment]
+        await asyncio.wait_for(pool._read(w), 5)
+
+    asyncio.run(run())
+    assert respawned == [0] and w.restarts == 1
