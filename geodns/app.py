@@ -305,6 +305,7 @@ class App:
     def _count_handoffs(self) -> None:
         if self.dns is not None:
             self.stats.udp_handoffs = self.dns.udp_handoffs()
+            self.stats.udp_busy_s = self.dns.udp_busy_s()
 
     def _check_worker_bind(self, port: int) -> None:
         """Workers with a SO_REUSEPORT UDP socket each bind it themselves, after this

@@ -110,6 +110,8 @@ class Stats:
         # --workers N sharing UDP sockets: full batches after which a worker handed the
         # socket on (summed from the workers' reports)
         self.udp_handoffs = 0
+        # a worker's report only: seconds its UDP batch in progress has taken so far
+        self.udp_busy_s = 0.0
         # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt, cookie);
         # the limiter's own list when there is one
         self.rrl: list[int] = [0] * len(COUNT_NAMES)

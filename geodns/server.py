@@ -473,6 +473,18 @@ class DnsServer:
             self.addresses.append((name[0], name[1]))
             log.info("serving DNS on %s port %d (udp+tcp)", name[0], name[1])
 
+    def udp_busy_s(self) -> float:
+        """How long the longest UDP batch in progress has been answered (0: none)."""
+        now = time.monotonic()
+        return max(
+            (
+                now - t.busy_since
+                for t in self.udp_transports
+                if isinstance(t, udpbatch.BatchUdp) and t.busy_since
+            ),
+            default=0.0,
+        )
+
     def udp_handoffs(self) -> int:
         """Full batches after which a shared UDP socket was handed on (udpbatch)."""
         return sum(t.handoffs for t in self.udp_transports if isinstance(t, udpbatch.BatchUdp))

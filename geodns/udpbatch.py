@@ -39,6 +39,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from .model import Transport
@@ -166,6 +167,10 @@ class BatchUdp:
         # `_receive`. The descriptor is this object's own open file description.
         self.leader_fd = leader_fd
         self.handoffs = 0  # full batches after which the receive was handed on
+        # time.monotonic() when the batch being answered was received; 0.0 when none is
+        # (a batch that never ends would stop every worker sharing the socket: the main
+        # process kills a worker that reports one stuck for too long)
+        self.busy_since = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
         n = BATCH
@@ -272,11 +277,13 @@ class BatchUdp:
                     fcntl.flock(leader, fcntl.LOCK_UN)
                     held = False
                     self.handoffs += 1
+                self.busy_since = time.monotonic()
                 try:
                     with lock:
                         self._answer(n)
                 except Exception:  # a bug, not a bad query (_answer catches those)
                     log.exception("udp: a batch of %d datagrams failed", n)
+                self.busy_since = 0.0
             elif n < 0:
                 err = ctypes.get_errno()
                 if err in (errno.EBADF, errno.ENOTSOCK):

@@ -129,6 +129,7 @@ def encode_stats(stats: Stats) -> bytes:
         "dropped": stats.dropped,
         "udp_send_dropped": stats.udp_send_dropped,
         "udp_handoffs": stats.udp_handoffs,
+        "udp_busy_s": round(stats.udp_busy_s, 3),
         "rrl": stats.rrl,
         "pool_offered": [[*k, v] for k, v in stats.pool_offered.items()],
     }
@@ -376,12 +377,17 @@ class WorkerPool:
                 if proc is None or proc.returncode is not None or not w.serving:
                     continue
                 silent = now - w.last_report
-                if silent >= self.stall_timeout_s:
+                # its receive thread stuck in one batch, while its event loop reports:
+                # with shared sockets no worker answers UDP meanwhile
+                busy = float(w.last_stats.get("udp_busy_s", 0.0))
+                if silent >= self.stall_timeout_s or busy >= self.stall_timeout_s:
                     log.error(
-                        "worker %d (pid %d) sent nothing for %.1f s: killing it",
+                        "worker %d (pid %d) sent nothing for %.1f s, or is %.1f s into "
+                        "one UDP batch: killing it",
                         w.index,
                         proc.pid,
                         silent,
+                        busy,
                     )
                     w.serving = False
                     self.stalls += 1

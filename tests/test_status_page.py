@@ -55,7 +55,9 @@ TOKEN = "page-test-token-0123456789abcdef"
 GB_ECS = "212.58.224.0/24"
 UK = {"198.51.100.10", "198.51.100.11"}
 FRA = {"198.51.100.20"}
-CHECK = "interval_s = 0.05\ndown_thresh = 2\nup_thresh = 1\n"
+# a loopback check can take tens of ms when both CPUs are busy (Chromium, pytest -n 2):
+# 25 ms timeouts (half the interval) made uk flap DOWN under load
+CHECK = "interval_s = 0.2\ntimeout_s = 0.2\ndown_thresh = 3\nup_thresh = 1\n"
 PAGE_TIMEOUT_MS = 8000  # a state change: the check interval + one 2 s poll, with margin
 
 expect.set_options(timeout=PAGE_TIMEOUT_MS)

@@ -540,3 +540,39 @@ def test_a_shared_socket_needs_the_receive_thread() -> None:
     finally:
         udp.close()
         os.close(lock_file)
+
+
+def test_a_batch_in_progress_is_reported_busy_until_it_is_answered() -> None:
+    """busy_since marks the batch being answered (what a worker reports, so that the
+    main process can kill one whose receive thread is stuck while holding the socket)."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow(data: bytes, addr: tuple[str, int], transport: Transport) -> bytes | None:
+        entered.set()
+        release.wait(5)
+        return echo(data, addr, transport)
+
+    async def run() -> None:
+        batch, port = await serve("127.0.0.1", slow, True)
+        server = DnsServer(echo)
+        server.udp_transports.append(batch)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.settimeout(5)
+        try:
+            assert batch.busy_since == 0.0 and server.udp_busy_s() == 0.0
+            client.sendto(query(7), ("127.0.0.1", port))
+            assert await asyncio.to_thread(entered.wait, 5)
+            assert batch.busy_since > 0.0
+            await asyncio.sleep(0.05)
+            assert server.udp_busy_s() >= 0.05
+            release.set()
+            await asyncio.to_thread(client.recv, 2048)
+            await asyncio.to_thread(wait_until, lambda: batch.busy_since == 0.0)
+            assert server.udp_busy_s() == 0.0
+        finally:
+            release.set()
+            client.close()
+            batch.close()
+
+    asyncio.run(run())

@@ -400,6 +400,19 @@ def test_the_watchdog_kills_a_silent_worker_but_not_after_its_own_pause(
     assert not talking.proc.killed
     assert pool.stalls == 1
 
+    # one that reports, but whose receive thread is 2.5 s into one batch
+    talking.last_stats = {"udp_busy_s": 2.5}
+
+    async def again() -> None:
+        task = asyncio.create_task(pool._kill_stalled())
+        for _ in range(2):
+            talking.last_report = now[0]
+            await real_sleep(0)
+        task.cancel()
+
+    asyncio.run(again())
+    assert talking.proc.killed and pool.stalls == 2
+
 
 def _waiting_on_fifo(pid: int) -> bool:
     """A thread of the process sleeps in open() of a FIFO no one writes yet."""
