@@ -259,6 +259,15 @@ def _state(path: str) -> str:
         return "X"
 
 
+def _flocks(pool: WorkerPool) -> str:
+    """The workers' pids and states, and the FLOCK lines of /proc/locks."""
+    pids = [w.proc.pid for w in pool.workers if w.proc is not None]
+    states = {pid: _state(f"/proc/{pid}") for pid in pids}
+    with open("/proc/locks") as f:
+        flocks = [line.strip() for line in f if "FLOCK" in line]
+    return f"workers {states}; /proc/locks: {flocks}"
+
+
 def _dead(pid: int) -> bool:
     return _state(f"/proc/{pid}") in ("Z", "X")
 
@@ -286,7 +295,12 @@ def test_a_killed_worker_leaves_the_shared_udp_socket_to_the_other(
             old = w.proc.pid
             os.kill(old, signal.SIGKILL)
             wait_for(lambda old=old: _dead(old))
-            assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
+            try:
+                assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
+            except dns.exception.Timeout as exc:
+                # once in ~8 runs of the whole suite (2026-11-26) no worker answered for
+                # 3 s here: say who holds which flock, for whoever looks next
+                raise AssertionError(f"no answer after killing {old}: {_flocks(pool)}") from exc
             wait_for(lambda w=w, old=old: w.proc is not None and w.proc.pid != old and w.serving)
         assert [w.restarts for w in pool.workers] == [1, 1]
         assert all(gb(s.host, s.port) == {"198.51.100.10"} for _ in range(20))
@@ -311,6 +325,8 @@ def test_a_stopped_worker_holding_the_udp_socket_is_killed_and_restarted(
         stopped = leader.proc.pid
         os.kill(stopped, signal.SIGSTOP)
         try:
+            # SIGSTOP is delivered asynchronously: wait until it has taken effect
+            wait_for(lambda: _stopped(stopped), what="the receiving worker stopped")
             with pytest.raises(dns.exception.Timeout):
                 q = dns.message.make_query("example.com", "SOA")
                 dns.query.udp(q, s.host, port=s.port, timeout=0.5)
