@@ -240,10 +240,7 @@ class App:
             try:
                 await self.api.start()  # before dropping privileges: the port may be < 1024
             except OSError:
-                for pair in sockets:
-                    for sock in pair:
-                        if sock is not None:
-                            sock.close()
+                _close_all(sockets)
                 raise
         _drop_privileges(srv.user)
         if self.worker_mode:
@@ -278,10 +275,8 @@ class App:
             if self.rrl_table is not None and self.rrl_table.fd is not None:
                 env[FD_ENV] = str(self.rrl_table.fd)
                 fds = (self.rrl_table.fd,)
-            env[SOCKETS_ENV], passed_fds = share_sockets(self.worker_sockets)
+            env[SOCKETS_ENV], passed_fds, self._flock_files = share_sockets(self.worker_sockets)
             fds += passed_fds
-            own = {s.fileno() for pair in self.worker_sockets for s in pair if s is not None}
-            self._flock_files = [fd for fd in passed_fds if fd not in own]
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,
@@ -302,7 +297,8 @@ class App:
         self.ready = True
         log.info("ready: %d zones loaded, %d rejected", len(report.loaded), len(report.failed))
 
-    def _count_handoffs(self) -> None:
+    def _refresh_worker_stats(self) -> None:
+        """What a worker's report takes from its DNS server (worker_stats_loop)."""
         if self.dns is not None:
             self.stats.udp_handoffs = self.dns.udp_handoffs()
             self.stats.udp_busy_s = self.dns.udp_busy_s()
@@ -332,7 +328,7 @@ class App:
         _keep_stdout_to_self()
         self._worker_tasks = [
             asyncio.create_task(worker_stdin_loop(self.holder, self.stopping.set)),
-            asyncio.create_task(worker_stats_loop(self.stats, self._count_handoffs)),
+            asyncio.create_task(worker_stats_loop(self.stats, self._refresh_worker_stats)),
         ]
         # zones first, then DNS: a worker restarted while the others serve must not
         # receive (and answer SERVFAIL) before it has its zones
@@ -489,10 +485,7 @@ class App:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.stop()
-        for udp, tcp in self.worker_sockets:
-            for sock in (udp, tcp):
-                if sock is not None:
-                    sock.close()
+        _close_all(self.worker_sockets)
         for fd in self._flock_files:
             os.close(fd)
         self._flock_files = []
@@ -555,11 +548,18 @@ async def run_checker_forever(config: Config) -> None:
     store.close()
 
 
+def _close_all(pairs: list[tuple[socket.socket | None, socket.socket]]) -> None:
+    for pair in pairs:
+        for sock in pair:
+            if sock is not None:
+                sock.close()
+
+
 def _keep_stdout_to_self() -> None:
-    """A worker's stdout is its channel to the main process, which restarts it when the
-    channel ends. Children it starts (zone-load and zone-cache processes) must not keep
-    the channel open after it dies: they get /dev/null as stdout, and this process writes
-    to a descriptor of its own that no child inherits."""
+    """A worker's stdout is its channel to the main process. Children it starts
+    (zone-load and zone-cache processes) must not hold the channel: they get /dev/null
+    as stdout, and this process writes to a descriptor of its own that no child
+    inherits."""
     channel = os.dup(1)  # not inheritable (PEP 446)
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)

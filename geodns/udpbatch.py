@@ -303,7 +303,7 @@ class BatchUdp:
             # thread closes the descriptors itself (it may still be in flock now).
             self._stopping = True
             self._wake()
-            self._thread.join(0.2)  # the leader wakes in ms; a follower may wait on
+            self._thread.join(0.2)  # the leader wakes in ms; a follower waits in flock on
             self._thread = None
             self.loop = None
             return

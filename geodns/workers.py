@@ -167,12 +167,14 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
 
 def share_sockets(
     pairs: list[tuple[socket.socket | None, socket.socket]],
-) -> tuple[str, tuple[int, ...]]:
-    """Main side: the SOCKETS_ENV value and the descriptors to pass, for (UDP or None,
-    TCP) per listen address. Each shared UDP socket gets a memfd whose flock marks the
-    worker that receives."""
+) -> tuple[str, tuple[int, ...], list[int]]:
+    """Main side: the SOCKETS_ENV value, the descriptors to pass, and the memfds among
+    them (the caller closes those at the end), for (UDP or None, TCP) per listen
+    address. Each shared UDP socket gets a memfd whose flock marks the worker that
+    receives."""
     parts = []
     fds: list[int] = []
+    locks: list[int] = []
     for udp, tcp in pairs:
         if udp is None:
             parts.append(f"-1:{tcp.fileno()}:-1")
@@ -181,7 +183,8 @@ def share_sockets(
         lock = os.memfd_create("geodns-udp-leader", os.MFD_CLOEXEC)
         parts.append(f"{udp.fileno()}:{tcp.fileno()}:{lock}")
         fds += [udp.fileno(), tcp.fileno(), lock]
-    return ",".join(parts), tuple(fds)
+        locks.append(lock)
+    return ",".join(parts), tuple(fds), locks
 
 
 def attach_sockets(value: str) -> list[tuple[socket.socket | None, socket.socket, int]]:
