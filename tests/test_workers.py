@@ -265,7 +265,16 @@ def _flocks(pool: WorkerPool) -> str:
     states = {pid: _state(f"/proc/{pid}") for pid in pids}
     with open("/proc/locks") as f:
         flocks = [line.strip() for line in f if "FLOCK" in line]
-    return f"workers {states}; /proc/locks: {flocks}"
+    threads = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for t in os.listdir(f"/proc/{pid}/task"):
+                with (
+                    open(f"/proc/{pid}/task/{t}/comm") as c,
+                    open(f"/proc/{pid}/task/{t}/wchan") as w,
+                ):
+                    threads[f"{pid}/{t}"] = f"{c.read().strip()}:{w.read()}"
+    return f"workers {states}; /proc/locks: {flocks}; threads {threads}"
 
 
 def _dead(pid: int) -> bool:

@@ -463,7 +463,9 @@ def test_zone_cache_round_trip_in_chunks_and_cut_files(
                 pickle.dump(chunk, out)
         assert c.get("k") is None
     assert c.misses == 8
-    assert gc.get_freeze_count() == frozen, "a failed load froze what it had built"
+    # a freeze would add every object the load built (thousands); frozen objects of other
+    # tests' threads in this process may be freed meanwhile, so the count may only drop
+    assert gc.get_freeze_count() <= frozen, "a failed load froze what it had built"
     f.write_bytes(pickle.dumps(zone))  # the format before chunks
     assert c.get("k") is None and c.misses == 9
 
