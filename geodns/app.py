@@ -277,6 +277,12 @@ class App:
                 fds = (self.rrl_table.fd,)
             env[SOCKETS_ENV], passed_fds, self._flock_files = share_sockets(self.worker_sockets)
             fds += passed_fds
+            # (listen index, UDP socket, flock memfd) of each shared socket, for the
+            # watchdog
+            by_index = [(i, udp) for i, (udp, _) in enumerate(self.worker_sockets) if udp]
+            shared_udp = [
+                (i, udp, lock) for (i, udp), lock in zip(by_index, self._flock_files, strict=True)
+            ]
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,
@@ -287,6 +293,7 @@ class App:
                 env=env,
                 pass_fds=fds,
                 stall_timeout_s=self.config.server.worker_stall_timeout_s,
+                shared_udp=shared_udp,
             )
             await self.pool.start()
             self.worker_addresses = [parse_listen(a) for a in worker_listen]
@@ -302,6 +309,7 @@ class App:
         if self.dns is not None:
             self.stats.udp_handoffs = self.dns.udp_handoffs()
             self.stats.udp_busy_s = self.dns.udp_busy_s()
+            self.stats.udp_received = self.dns.udp_received()
 
     def _check_worker_bind(self, port: int) -> None:
         """Workers with a SO_REUSEPORT UDP socket each bind it themselves, after this

@@ -103,7 +103,9 @@ class ServerConfig:
     )
     worker_stall_timeout_s: float = _doc(
         "with workers > 1: a worker that sends the main process nothing (it reports its "
-        "counters every second) for this long is killed and restarted; 0 = never",
+        "counters every second) for this long, or that holds a shared UDP socket while "
+        "datagrams wait in it this long and no worker takes any, is killed and "
+        "restarted; 0 = never",
         10.0,
     )
     worker_udp_shared: bool = _doc(

@@ -112,6 +112,8 @@ class Stats:
         self.udp_handoffs = 0
         # a worker's report only: seconds its UDP batch in progress has taken so far
         self.udp_busy_s = 0.0
+        # a worker's report only: datagrams taken from each shared UDP socket so far
+        self.udp_received: list[int] = []
         # RRL decisions, indexed as rrl.COUNT_NAMES (pass, drop, slip, exempt, cookie);
         # the limiter's own list when there is one
         self.rrl: list[int] = [0] * len(COUNT_NAMES)

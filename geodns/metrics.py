@@ -292,6 +292,22 @@ class GeoDNSCollector(Collector):
                 "Check results dropped because the store was down",
                 store.dropped_checks,
             )
+        pool = app.pool
+        if pool is not None:  # --workers N
+            restarts = CounterMetricFamily(
+                "geodns_worker_restarts",
+                "Times each DNS worker process was restarted after it exited or was killed",
+                labels=["worker"],
+            )
+            for w in pool.workers:
+                restarts.add_metric([str(w.index)], w.restarts)
+            yield restarts
+            yield CounterMetricFamily(
+                "geodns_worker_stalls",
+                "DNS workers the watchdog killed (silent, stuck in a UDP batch, or holding a "
+                "shared UDP socket without receiving; worker_stall_timeout_s)",
+                pool.stalls,
+            )
         yield GaugeMetricFamily("geodns_ready", "1 once every zone has been tried", int(app.ready))
         yield GaugeMetricFamily(
             "geodns_start_timestamp_seconds", "When this process started", app.started_at

@@ -485,6 +485,11 @@ class DnsServer:
             default=0.0,
         )
 
+    def udp_received(self) -> list[int]:
+        """Datagrams taken from each UDP socket so far, in the order they were started
+        (0 for a socket served by the asyncio transport)."""
+        return [t.received if isinstance(t, udpbatch.BatchUdp) else 0 for t in self.udp_transports]
+
     def udp_handoffs(self) -> int:
         """Full batches after which a shared UDP socket was handed on (udpbatch)."""
         return sum(t.handoffs for t in self.udp_transports if isinstance(t, udpbatch.BatchUdp))

@@ -167,6 +167,7 @@ class BatchUdp:
         # `_receive`. The descriptor is this object's own open file description.
         self.leader_fd = leader_fd
         self.handoffs = 0  # full batches after which the receive was handed on
+        self.received = 0  # datagrams taken from the socket (the watchdog's progress)
         # time.monotonic() when the batch being answered was received; 0.0 when none is
         # (a batch that never ends would stop every worker sharing the socket: the main
         # process kills a worker that reports one stuck for too long)
@@ -271,6 +272,7 @@ class BatchUdp:
             if self._stopping and (leader is None or n <= 0):
                 return  # close() shut the socket down: what it returned is not a query
             if n > 0:
+                self.received += n
                 if leader is not None and n == BATCH:
                     # a full batch: more may be queued, so another worker receives
                     # while this one answers (the workers' CPUs work in parallel)
@@ -346,6 +348,7 @@ class BatchUdp:
                         log.debug("recvmmsg: %s", errno.errorcode.get(err, err))
                         continue
                 return
+            self.received += n
             self._answer(n)
             if n < BATCH:
                 return

@@ -16,7 +16,10 @@ stdin as one JSON line (states and pool versions), so all workers answer from id
 views and nothing is checked twice. Workers write their query counters to stdout once
 a second; the main process sums them for /metrics. A worker that dies is restarted, and
 so is one that stops reporting for `[server] worker_stall_timeout_s` (killed first: a
-stopped or hung worker may hold the shared UDP socket).
+stopped or hung worker may hold the shared UDP socket), and so is the worker holding a
+shared UDP socket's flock while datagrams wait in that socket for as long and no
+worker takes any (whatever keeps it from receiving: the kernel's receive queue and
+/proc/locks say so, not the worker).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -130,6 +134,7 @@ def encode_stats(stats: Stats) -> bytes:
         "udp_send_dropped": stats.udp_send_dropped,
         "udp_handoffs": stats.udp_handoffs,
         "udp_busy_s": round(stats.udp_busy_s, 3),
+        "udp_received": stats.udp_received,
         "rrl": stats.rrl,
         "pool_offered": [[*k, v] for k, v in stats.pool_offered.items()],
     }
@@ -205,6 +210,46 @@ def attach_sockets(value: str) -> list[tuple[socket.socket | None, socket.socket
     return out
 
 
+SO_MEMINFO = 55  # Linux 4.6+: the socket's memory counters, u32 each
+_MEMINFO_SIZE = 9 * 4  # SK_MEMINFO_VARS; [0] is SK_MEMINFO_RMEM_ALLOC
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes of datagrams waiting in the socket's receive queue (SK_MEMINFO_RMEM_ALLOC,
+    what /proc/net/udp calls rx_queue; an empty datagram counts too); 0 when the kernel
+    cannot say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO_SIZE)
+    except OSError:
+        return 0
+    return int(struct.unpack_from("I", raw)[0]) if len(raw) >= 4 else 0
+
+
+def flock_holders(fd: int, locks: str = "/proc/locks") -> set[int]:
+    """The pids holding a flock on the file `fd` is open on (any open file description
+    of it: each worker opens the memfd anew), from the kernel's lock table."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    try:
+        with open(locks) as f:
+            for line in f:
+                # "1: FLOCK  ADVISORY  WRITE 1234 00:01:954214 0 EOF"; a waiter's line
+                # has "->" after the number
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                    holders.add(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    return holders
+
+
+def _received(report: dict[str, Any], index: int) -> int:
+    """Datagrams a worker's report says it took from shared socket `index` (0 if none)."""
+    counts = report.get("udp_received", ())
+    return int(counts[index]) if index < len(counts) else 0
+
+
 def usable_cpus() -> int:
     """How many CPUs this process may run on: its affinity mask, which `taskset`,
     systemd's CPUAffinity= and cgroup cpusets narrow (not the machine's CPU count)."""
@@ -252,6 +297,7 @@ class WorkerPool:
         pass_fds: tuple[int, ...] = (),
         stall_timeout_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        shared_udp: list[tuple[int, socket.socket, int]] | None = None,
     ) -> None:
         self.config_path = config_path
         self.listen = listen
@@ -267,6 +313,11 @@ class WorkerPool:
         self.stall_timeout_s = stall_timeout_s
         self.clock = clock
         self.stalls = 0  # workers killed for it
+        # (listen index, socket, flock descriptor) of each UDP socket the workers share:
+        # the watchdog also kills a flock holder that leaves datagrams waiting
+        self.shared_udp = shared_udp or []
+        self._waiting_since: dict[int, float] = {}  # listen index -> first seen waiting
+        self._received: dict[int, tuple[tuple[int, int], ...]] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self.workers = [_Worker(i) for i in range(count)]
         self.ready = asyncio.Event()
@@ -374,7 +425,9 @@ class WorkerPool:
                 # paused): the workers' lines may be waiting unread; start again
                 for w in self.workers:
                     w.last_report = max(w.last_report, now)
+                self._waiting_since.clear()
             last = now
+            self._kill_not_receiving(now)
             for w in self.workers:
                 proc = w.proc
                 if proc is None or proc.returncode is not None or not w.serving:
@@ -396,6 +449,45 @@ class WorkerPool:
                     self.stalls += 1
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
+
+    def _kill_not_receiving(self, now: float) -> None:
+        """Per shared UDP socket: datagrams have been waiting in it at every look for
+        stall_timeout_s and no worker reported taking one from it meanwhile, so the
+        worker holding its flock does not receive (stuck before recvmmsg, or receiving
+        from something else): kill that worker; _read restarts it and the flock passes
+        on. Judged from the kernel (the receive queue, /proc/locks) and the workers'
+        counters, not from what the holder says about itself."""
+        for index, sock, lock_fd in self.shared_udp:
+            taken = tuple(
+                (w.proc.pid if w.proc is not None else 0, _received(w.last_stats, index))
+                for w in self.workers
+            )
+            moved = taken != self._received.get(index)
+            self._received[index] = taken
+            if moved or queued_bytes(sock) == 0:
+                self._waiting_since.pop(index, None)
+                continue
+            since = self._waiting_since.setdefault(index, now)
+            if now - since < self.stall_timeout_s:
+                continue
+            del self._waiting_since[index]
+            holders = flock_holders(lock_fd)
+            for w in self.workers:
+                proc = w.proc
+                if proc is None or proc.returncode is not None or proc.pid not in holders:
+                    continue
+                log.error(
+                    "worker %d (pid %d) holds UDP socket %s but took nothing from it for "
+                    "%.1f s while datagrams waited: killing it",
+                    w.index,
+                    proc.pid,
+                    self.listen[index] if index < len(self.listen) else index,
+                    now - since,
+                )
+                w.serving = False
+                self.stalls += 1
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     async def _follow_health(self) -> None:
         """Push every newly published GeoState to all workers.
