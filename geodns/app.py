@@ -275,14 +275,9 @@ class App:
             if self.rrl_table is not None and self.rrl_table.fd is not None:
                 env[FD_ENV] = str(self.rrl_table.fd)
                 fds = (self.rrl_table.fd,)
-            env[SOCKETS_ENV], passed_fds, self._flock_files = share_sockets(self.worker_sockets)
+            env[SOCKETS_ENV], passed_fds, shared_udp = share_sockets(self.worker_sockets)
+            self._flock_files = [lock for _, _, lock in shared_udp]
             fds += passed_fds
-            # (listen index, UDP socket, flock memfd) of each shared socket, for the
-            # watchdog
-            by_index = [(i, udp) for i, (udp, _) in enumerate(self.worker_sockets) if udp]
-            shared_udp = [
-                (i, udp, lock) for (i, udp), lock in zip(by_index, self._flock_files, strict=True)
-            ]
             self.pool = WorkerPool(
                 self.config.path,
                 worker_listen,

@@ -172,15 +172,15 @@ def sum_stats(parts: list[dict[str, Any]], into: Stats) -> None:
 
 def share_sockets(
     pairs: list[tuple[socket.socket | None, socket.socket]],
-) -> tuple[str, tuple[int, ...], list[int]]:
-    """Main side: the SOCKETS_ENV value, the descriptors to pass, and the memfds among
-    them (the caller closes those at the end), for (UDP or None, TCP) per listen
-    address. Each shared UDP socket gets a memfd whose flock marks the worker that
-    receives."""
+) -> tuple[str, tuple[int, ...], list[tuple[int, socket.socket, int]]]:
+    """Main side, for (UDP or None, TCP) per listen address: the SOCKETS_ENV value, the
+    descriptors to pass, and (listen index, UDP socket, memfd) per shared UDP socket
+    (the caller closes the memfds at the end). Each shared UDP socket gets a memfd whose
+    flock marks the worker that receives."""
     parts = []
     fds: list[int] = []
-    locks: list[int] = []
-    for udp, tcp in pairs:
+    shared: list[tuple[int, socket.socket, int]] = []
+    for index, (udp, tcp) in enumerate(pairs):
         if udp is None:
             parts.append(f"-1:{tcp.fileno()}:-1")
             fds.append(tcp.fileno())
@@ -188,8 +188,8 @@ def share_sockets(
         lock = os.memfd_create("geodns-udp-leader", os.MFD_CLOEXEC)
         parts.append(f"{udp.fileno()}:{tcp.fileno()}:{lock}")
         fds += [udp.fileno(), tcp.fileno(), lock]
-        locks.append(lock)
-    return ",".join(parts), tuple(fds), locks
+        shared.append((index, udp, lock))
+    return ",".join(parts), tuple(fds), shared
 
 
 def attach_sockets(value: str) -> list[tuple[socket.socket | None, socket.socket, int]]:
@@ -445,10 +445,7 @@ class WorkerPool:
                         silent,
                         busy,
                     )
-                    w.serving = False
-                    self.stalls += 1
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+                    self._kill(w, proc)
 
     def _kill_not_receiving(self, now: float) -> None:
         """Per shared UDP socket: datagrams have been waiting in it at every look for
@@ -484,10 +481,14 @@ class WorkerPool:
                     self.listen[index] if index < len(self.listen) else index,
                     now - since,
                 )
-                w.serving = False
-                self.stalls += 1
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                self._kill(w, proc)
+
+    def _kill(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
+        """The watchdog's kill: counted; _read restarts the worker once it has exited."""
+        w.serving = False
+        self.stalls += 1
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     async def _follow_health(self) -> None:
         """Push every newly published GeoState to all workers.
