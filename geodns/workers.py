@@ -478,7 +478,7 @@ class WorkerPool:
                     "%.1f s while datagrams waited: killing it",
                     w.index,
                     proc.pid,
-                    self.listen[index] if index < len(self.listen) else index,
+                    self.listen[index],
                     now - since,
                 )
                 self._kill(w, proc)

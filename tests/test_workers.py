@@ -309,23 +309,28 @@ def _flocks(app: App) -> str:
     )
 
 
+def _thread_states(pid: int) -> list[str]:
+    """The state letter of every thread of the process; [] once it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    return [_state(f"/proc/{pid}/task/{t}") for t in tasks]
+
+
 def _dead(pid: int) -> bool:
     """Every thread of the process has exited. Not just the first one: after SIGKILL
     the thread-group leader shows Z at once while the others may still be running,
     and a receive thread woken in recvmmsg takes a datagram sent then on its way out
     (the query is lost: seen as a 3 s timeout in ~1 of 20 loaded runs)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    return all(_state(f"/proc/{pid}/task/{t}") in ("Z", "X") for t in tasks)
+    return all(st in ("Z", "X") for st in _thread_states(pid))
 
 
 def _stopped(pid: int) -> bool:
     """Every thread of the process has stopped (SIGSTOP is delivered asynchronously: a
     receive thread may take a datagram or two before it stops)."""
-    tasks = os.listdir(f"/proc/{pid}/task")
-    return all(_state(f"/proc/{pid}/task/{t}") in ("T", "t") for t in tasks)
+    states = _thread_states(pid)
+    return bool(states) and all(st in ("T", "t") for st in states)
 
 
 def test_a_killed_worker_leaves_the_shared_udp_socket_to_the_other(
